@@ -1,0 +1,56 @@
+"""Sections shared by every experiment family; family files (lm.py, moe.py, ...) start here.
+
+Every knob is declared with a one-line comment saying what it does. Family files override
+values, never add keys silently: the returned config is locked by the launcher.
+"""
+
+import ml_collections
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Steps, batch, optimizer and logging for the shared train-step builder."""
+  c = ml_collections.ConfigDict()
+  c.steps = 1000                 # optimizer steps to run (a resumed run stops at the same step)
+  c.batch_size = 16              # global batch in sequences, across all hosts and micro-batches
+  c.grad_accum_steps = 1         # micro-batches per optimizer step (batch_size must divide evenly)
+  c.learning_rate = 3e-3         # peak learning rate after warmup
+  c.warmup_steps = 100           # linear warmup from 0 to learning_rate
+  c.decay_steps = -1             # cosine decay length; -1 = train.steps
+  c.min_lr_ratio = 0.1           # final learning rate as a fraction of the peak
+  c.b1 = 0.9                     # AdamW beta1
+  c.b2 = 0.95                    # AdamW beta2
+  c.eps = 1e-8                   # AdamW epsilon
+  c.weight_decay = 0.1           # decoupled weight decay, applied to matrices only (ndim >= 2)
+  c.grad_clip_norm = 1.0         # global-norm clipping; 0 disables it
+  c.z_loss = 1e-4                # coefficient of log(Z)^2 added to the LM loss; 0 disables it
+  c.log_every_steps = 10         # metrics.jsonl / TensorBoard / progress-bar cadence
+  c.eval_every_steps = 0         # evaluation cadence on the eval split; 0 disables it
+  c.eval_batches = 4             # batches per evaluation
+  return c
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """Device mesh shape; -1 on one axis takes all remaining devices."""
+  c = ml_collections.ConfigDict()
+  c.data = -1                    # pure data parallelism (batch only)
+  c.fsdp = 1                     # fully sharded data parallelism (batch and parameters)
+  c.tensor = 1                   # tensor parallelism (heads, mlp, vocab)
+  c.expert = 1                   # expert parallelism (MoE experts)
+  c.rules = ()                   # ((logical_axis, mesh_axes), ...) that replace the default rules
+  return c
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+  """Orbax checkpointing under WORKDIR/checkpoints."""
+  c = ml_collections.ConfigDict()
+  c.every_steps = 100            # save cadence (the last step is always saved)
+  c.keep = 3                     # number of most recent checkpoints kept
+  c.async_save = True            # write checkpoints in the background while training continues
+  return c
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Input pipeline (owned by data/; see data/pipeline.py)."""
+  c = ml_collections.ConfigDict()
+  c.seq_len = 128                # tokens per packed row
+  return c
