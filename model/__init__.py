@@ -1,0 +1,13 @@
+"""Pure Flax linen models. They name logical axes only; train/sharding.py owns the mesh."""
+
+from model.config import ModelConfig
+from model.decoder import Decoder
+
+FAMILIES = {'decoder': Decoder}
+
+
+def build_model(cfg: ModelConfig):
+  """The linen module for `cfg.family`."""
+  if cfg.family not in FAMILIES:
+    raise ValueError(f'model.family={cfg.family!r}; choose one of {sorted(FAMILIES)}.')
+  return FAMILIES[cfg.family](cfg)

@@ -1,0 +1,93 @@
+"""Llama-style decoder: pre-norm blocks of causal attention and a gated MLP."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.attention import Attention, attention_mask
+from model.config import ModelConfig
+from model.layers import MLP, Embed, Projection, RMSNorm
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nn.Module):
+  """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, None) so it can be scanned."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, deterministic):
+    cfg = self.cfg
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    h = RMSNorm(cfg, name='attn_norm')(x)
+    h = Attention(cfg, name='attn')(h, h, mask, positions, positions)
+    x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = MLP(cfg, name='mlp')(RMSNorm(cfg, name='mlp_norm')(x))
+    x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return x, None
+
+
+def layer_stack(layer_cls, cfg: ModelConfig, name: str = 'layers'):
+  """`cfg.num_layers` copies of `layer_cls` applied in sequence, scanned or unrolled.
+
+  Scanned parameters are stacked on a leading 'layers' axis under `name`; unrolled ones live
+  under `{name}_{i}`. `stack_layers`/`unstack_layers` convert between the two layouts.
+  """
+  if cfg.remat_policy not in REMAT_POLICIES:
+    raise ValueError(f'model.remat_policy={cfg.remat_policy!r}; choose one of '
+                     f'{sorted(REMAT_POLICIES)}.')
+  if cfg.remat_policy != 'none':
+    layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy],
+                         prevent_cse=not cfg.scan_layers, static_argnums=(4,))
+
+  def apply(x, *args):
+    if cfg.scan_layers:
+      scanned = nn.scan(layer_cls, variable_axes={'params': 0}, split_rngs={'params': True,
+                        'dropout': True}, in_axes=(nn.broadcast,) * len(args),
+                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+      return scanned(cfg, name=name)(x, *args)[0]
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, name=f'{name}_{i}')(x, *args)[0]
+    return x
+
+  return apply
+
+
+class Decoder(nn.Module):
+  """Token ids [B, L] -> float32 logits [B, L, vocab]; packed rows via segment ids/positions."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, inputs, positions, segment_ids, deterministic: bool = True):
+    cfg = self.cfg
+    embed = Embed(cfg, name='embed')
+    x = embed(inputs)
+    mask = attention_mask(segment_ids, segment_ids, causal=True)
+    x = layer_stack(DecoderLayer, cfg)(x, positions, mask, deterministic)
+    x = RMSNorm(cfg, name='final_norm')(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(x.dtype)
+    else:
+      logits = Projection(cfg, (cfg.vocab_size,), ('embed',), ('vocab',), name='lm_head')(x)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+
+def stack_layers(params: dict, num_layers: int, name: str = 'layers') -> dict:
+  """Unrolled layout {name}_{i} -> scanned layout {name} with a leading layer axis."""
+  out = {k: v for k, v in params.items() if not k.startswith(f'{name}_')}
+  per_layer = [params[f'{name}_{i}'] for i in range(num_layers)]
+  out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  return out
+
+
+def unstack_layers(params: dict, num_layers: int, name: str = 'layers') -> dict:
+  """Scanned layout {name} -> unrolled layout {name}_{i}."""
+  out = {k: v for k, v in params.items() if k != name}
+  for i in range(num_layers):
+    out[f'{name}_{i}'] = jax.tree.map(lambda x, i=i: x[i], params[name])
+  return out

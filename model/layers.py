@@ -1,0 +1,113 @@
+"""Building blocks shared by every model family: norms, embeddings, projections, MLPs, RoPE.
+
+Every parameter carries logical axis names (train/sharding.py maps them onto a mesh);
+nothing here knows about devices.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+
+ACTIVATIONS = {'swiglu': ('silu', True), 'geglu': ('gelu', True),
+               'relu': ('relu', False), 'gelu': ('gelu', False)}
+
+
+def kernel_init(axes: Sequence[str], fan_in_axes: int = 1):
+  """Fan-in variance-scaled truncated normal for a kernel whose first `fan_in_axes` dims are
+  contracted, annotated with logical `axes`."""
+  init = nn.initializers.variance_scaling(
+      1.0, 'fan_in', 'truncated_normal', in_axis=tuple(range(fan_in_axes)),
+      out_axis=tuple(range(fan_in_axes, len(axes))))
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm with a learned scale (no bias, no mean subtraction)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (x.shape[-1],), self.cfg.weight_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+class Projection(nn.Module):
+  """Contracts the last len(in_axes) dims of x with a kernel [*in, *features].
+
+  The kernel's logical axes are `in_axes + out_axes`; the optional bias has `out_axes`.
+  """
+  cfg: ModelConfig
+  features: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_axes)
+    shape = x.shape[-n_in:] + tuple(self.features)
+    kernel = self.param('kernel', kernel_init(self.in_axes + self.out_axes, n_in), shape,
+                        self.cfg.weight_dtype)
+    dtype = self.cfg.compute_dtype
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                        self.out_axes), tuple(self.features), self.cfg.weight_dtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, embed]; `attend` gives logits against it (tied output)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(nn.initializers.normal(1.0), ('vocab', 'embed')),
+        (self.cfg.vocab_size, self.cfg.d_model), self.cfg.weight_dtype)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    # Gathering rows from a sharded table makes SPMD replicate it badly; all-gathering the
+    # table first (as FSDP does for every weight) partitions the lookup cleanly.
+    table = nn.with_logical_constraint(self.embedding, (None, None))
+    x = jnp.take(table, ids, axis=0).astype(self.cfg.compute_dtype)
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum('bld,vd->blv', x, self.embedding.astype(x.dtype))
+
+
+class MLP(nn.Module):
+  """Feed-forward block: gated (SwiGLU, GeGLU) or plain (ReLU, GELU), no biases."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    if cfg.activation not in ACTIVATIONS:
+      raise ValueError(f'model.activation={cfg.activation!r}; choose one of {sorted(ACTIVATIONS)}.')
+    act_name, gated = ACTIVATIONS[cfg.activation]
+    act = getattr(jax.nn, act_name)
+    up = lambda name: Projection(cfg, (cfg.mlp_dim,), ('embed',), ('mlp',), name=name)(x)
+    h = act(up('wi_0')) * up('wi_1') if gated else act(up('wi'))
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    return Projection(cfg, (cfg.d_model,), ('mlp',), ('embed',), name='wo')(h)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-split convention (as in Hugging Face Llama): x [B, L, H, D]."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions.astype(jnp.float32)[..., None] * freq            # [B, L, half]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)

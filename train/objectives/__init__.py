@@ -1,0 +1,13 @@
+"""Objectives by name; each is a pure loss function over a batch format of the data layer."""
+
+from train.objectives import lm
+from train.objectives.base import Objective
+
+OBJECTIVES = {'causal_lm': lm.causal_lm}
+
+
+def build_objective(name: str, model, config) -> Objective:
+  """The objective `config.objective.name` for `model`."""
+  if name not in OBJECTIVES:
+    raise ValueError(f'objective.name={name!r}; choose one of {sorted(OBJECTIVES)}.')
+  return OBJECTIVES[name](model, config)
