@@ -4,7 +4,11 @@ Every knob is declared with a one-line comment saying what it does. Family files
 values, never add keys silently: the returned config is locked by the launcher.
 """
 
+import dataclasses
+
 import ml_collections
+
+from model.config import ModelConfig
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -52,5 +56,41 @@ def checkpoint_config() -> ml_collections.ConfigDict:
 def data_config() -> ml_collections.ConfigDict:
   """Input pipeline (owned by data/; see data/pipeline.py)."""
   c = ml_collections.ConfigDict()
-  c.seq_len = 128                # tokens per packed row
+  c.task = 'lm'                  # batch format: lm | sft | mlm | span_corruption | preference
+  c.source = 'synthetic'         # synthetic | text:PATH | sft_jsonl:PATH | preference_jsonl:PATH | gsm8k:PATH | tfds:NAME[/CONFIG][:VERSION]
+  c.tokenizer = 'byte'           # byte (no files, 365 ids) | sentencepiece:PATH.model
+  c.pad_id = -1                  # SentencePiece pad id; -1 = the model's own, else one appended id
+  c.num_sentinels = 100          # reserved span-corruption sentinel ids
+  c.seq_len = 128                # tokens per packed row (encoder length for span_corruption)
+  c.packing = 'greedy'           # greedy (order preserving) | first_fit (tighter, per window)
+  c.pack_window = 256            # examples packed together by first_fit
+  c.too_long = 'split'           # example longer than a row: split (LM/SFT/MLM) | truncate | drop (counted)
+  c.shuffle = True               # shuffle the train split (a new order each epoch, from config.seed)
+  c.num_epochs = -1              # passes over the train split; -1 = repeat forever
+  c.worker_count = 0             # grain worker processes; 0 = read in the main process
+  c.synthetic_train_size = 200_000  # problems in the embedded synthetic train split
+  c.synthetic_test_size = 2_000  # problems in the embedded synthetic test split
+  c.synthetic_seed = 0           # fixes the synthetic corpus and its train/test split
+  c.synthetic_test_fraction = 0.1  # share of problem keys reserved for the test split
+  c.synthetic_families = ('arithmetic', 'chickens_rabbits', 'shopping')  # problem generators used
+  c.synthetic_levels = (1, 2, 3)  # difficulty levels drawn uniformly
+  c.synthetic_languages = ('en', 'zh')  # template languages drawn uniformly
+  return c
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """The `model` section: every field of model.ModelConfig, documented there."""
+  return ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All shared sections; a family file sets `objective.name` and its presets."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                     # one seed: parameter init, data order and every step's RNG
+  c.model = model_config()
+  c.objective = ml_collections.ConfigDict({'name': 'causal_lm'})  # loss: train.objectives
+  c.train = train_config()
+  c.mesh = mesh_config()
+  c.checkpoint = checkpoint_config()
+  c.data = data_config()
   return c

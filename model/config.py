@@ -10,28 +10,29 @@ import jax.numpy as jnp
 class ModelConfig:
   """Hyperparameters of every model family; a family reads the fields it needs.
 
-  Field docs live beside the config keys in configs/; names are identical.
+  The `model` section of every config is exactly these fields (configs/base.py builds it
+  from the defaults here), so each knob is declared and documented once.
   """
 
-  family: str = 'decoder'
-  vocab_size: int = 512
-  d_model: int = 128
-  num_layers: int = 2
-  num_heads: int = 4
-  num_kv_heads: int = 2
-  head_dim: int = 32
-  mlp_dim: int = 384
-  activation: str = 'swiglu'
-  norm_eps: float = 1e-6
-  rope_theta: float = 10_000.0
-  tie_embeddings: bool = False
-  qkv_bias: bool = False
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-  scan_layers: bool = True
-  remat_policy: str = 'none'
-  attention_impl: str = 'xla'
-  dropout_rate: float = 0.0
+  family: str = 'decoder'         # model family: 'decoder' (see model.FAMILIES)
+  vocab_size: int = 512           # embedding rows / logits; must hold the tokenizer's vocabulary
+  d_model: int = 128              # residual stream width
+  num_layers: int = 2             # decoder layers
+  num_heads: int = 4              # query heads
+  num_kv_heads: int = 2           # key/value heads: = num_heads MHA, 1 MQA, in between GQA
+  head_dim: int = 32              # width of one attention head
+  mlp_dim: int = 384              # feed-forward hidden width
+  activation: str = 'swiglu'      # feed-forward: 'swiglu' | 'geglu' (gated) | 'relu' | 'gelu'
+  norm_eps: float = 1e-6          # RMSNorm epsilon
+  rope_theta: float = 10_000.0    # rotary embedding base
+  tie_embeddings: bool = False    # logits from the input embedding (scaled by 1/sqrt(d_model))
+  qkv_bias: bool = False          # biases on query/key/value projections (Qwen2-style)
+  dtype: str = 'float32'          # compute dtype of activations and matmuls
+  param_dtype: str = 'float32'    # storage dtype of parameters (and optimizer moments)
+  scan_layers: bool = True        # nn.scan over layers (one compiled layer) or unrolled
+  remat_policy: str = 'none'      # rematerialisation: 'none' | 'full' | 'dots' | 'dots_no_batch'
+  attention_impl: str = 'xla'     # jax.nn.dot_product_attention implementation: 'xla' | 'cudnn'
+  dropout_rate: float = 0.0       # residual dropout while training
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> 'ModelConfig':
