@@ -1,0 +1,46 @@
+"""Peak FLOP/s of the devices in use: measured on CPU, datasheet on accelerators."""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 datasheet peaks per chip, matched against jax.Device.device_kind.
+DATASHEET_PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA A100': 312e12,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+  """Best f32 matmul FLOP/s of this host's CPU (all cores: XLA:CPU threads one device's op)."""
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x, device=jax.local_devices()[0])
+  matmul(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def peak_flops(devices=None) -> float:
+  """Peak FLOP/s of the whole job. CPU: the measured matmul peak per host (fake devices on one
+  host share its cores). Accelerators: datasheet peak x device count."""
+  devices = list(jax.devices() if devices is None else devices)
+  if devices[0].platform == 'cpu':
+    return measured_cpu_peak_flops() * jax.process_count()
+  kind = devices[0].device_kind
+  for name, peak in DATASHEET_PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return peak * len(devices)
+  raise ValueError(f'No datasheet peak for device kind {kind!r}; add it to DATASHEET_PEAK_FLOPS.')
