@@ -6,7 +6,7 @@
 Re-running the same command on the same workdir resumes from its newest checkpoint.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train.trainer import train
@@ -19,6 +19,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; resumed
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:   # orbax logs every save at INFO; -v 0 shows it
+    logging.set_verbosity(logging.WARNING)
   train(_CONFIG.value, _WORKDIR.value)
 
 
