@@ -54,17 +54,30 @@ def checkpoint_config() -> ml_collections.ConfigDict:
 
 
 def data_config() -> ml_collections.ConfigDict:
-  """Input pipeline (owned by data/; see data/pipeline.py)."""
+  """Input pipeline (owned by data/; see data/pipeline.py and data/sources.py)."""
   c = ml_collections.ConfigDict()
   c.task = 'lm'                  # batch format: lm | sft | mlm | span_corruption | preference
   c.source = 'synthetic'         # synthetic | text:PATH | sft_jsonl:PATH | preference_jsonl:PATH | gsm8k:PATH | tfds:NAME[/CONFIG][:VERSION]
-  c.tokenizer = 'byte'           # byte (no files, 365 ids) | sentencepiece:PATH.model
+  c.data_dir = '~/.cache/seedling/tfds'  # where file sources are prepared (once) and TFDS datasets are read
+  c.text_unit = 'file'           # text:PATH documents: one per file | one per line
+  c.text_field = 'text'          # record field holding the text (json text files, tfds sources)
+  c.bad_lines = 'error'          # malformed or incomplete source record: error (file:line) | skip (counted)
+  c.eval_fraction = 0.0          # file sources: hold out this tail fraction as the 'eval' split
+  c.eval_split = ''              # tfds sources: split used for 'eval'; '' = validation or test
+  c.tokenizer = 'byte'           # byte (no files; 365 ids) | sentencepiece:PATH.model
   c.pad_id = -1                  # SentencePiece pad id; -1 = the model's own, else one appended id
   c.num_sentinels = 100          # reserved span-corruption sentinel ids
+  c.chat_template = True         # sft/preference prompt/response pairs become user/assistant turns
   c.seq_len = 128                # tokens per packed row (encoder length for span_corruption)
+  c.target_len = 0               # span_corruption decoder length; 0 = computed so nothing is cut
   c.packing = 'greedy'           # greedy (order preserving) | first_fit (tighter, per window)
   c.pack_window = 256            # examples packed together by first_fit
-  c.too_long = 'split'           # example longer than a row: split (LM/SFT/MLM) | truncate | drop (counted)
+  c.too_long = 'split'           # example longer than a row: split (not preference) | truncate | drop (counted)
+  c.mlm_rate = 0.15              # mlm: share of text tokens selected for prediction
+  c.mlm_mask_frac = 0.8          # mlm: selected tokens replaced by the mask id
+  c.mlm_random_frac = 0.1        # mlm: selected tokens replaced by a random token (rest unchanged)
+  c.noise_density = 0.15         # span_corruption: share of tokens corrupted
+  c.mean_noise_span_length = 3.0  # span_corruption: mean corrupted span length in tokens
   c.shuffle = True               # shuffle the train split (a new order each epoch, from config.seed)
   c.num_epochs = -1              # passes over the train split; -1 = repeat forever
   c.worker_count = 0             # grain worker processes; 0 = read in the main process
