@@ -12,8 +12,8 @@ from train.sharding import Partitioner, make_mesh
 def tiny_config(**model) -> ml_collections.ConfigDict:
   """A decoder small enough to compile in a second, sized to shard over up to 8 devices."""
   c = base_config()
-  c.model.update(vocab_size=128, d_model=64, num_layers=2, num_heads=8, num_kv_heads=4,
-                 head_dim=16, mlp_dim=128, **model)
+  c.model.update(dict(dict(vocab_size=128, d_model=64, num_layers=2, num_heads=8,
+                           num_kv_heads=4, head_dim=16, mlp_dim=128), **model))
   c.data.seq_len = 16
   c.train.update(batch_size=8, warmup_steps=2, steps=10)
   return c

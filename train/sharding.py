@@ -73,6 +73,13 @@ def make_mesh(requested: dict[str, int], devices: Optional[Sequence[Any]] = None
                        devices=devices)
 
 
+def _ways(mesh: Mesh, axes) -> int:
+  """How many pieces one dim splits into over `axes` (None, one axis name or a tuple)."""
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+
+
 def _path_str(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
@@ -137,10 +144,7 @@ class Partitioner:
         jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(shardings),
         jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, P))):
       for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
-        if axes is None:
-          continue
-        axes = axes if isinstance(axes, tuple) else (axes,)
-        ways = math.prod(self.mesh.shape[a] for a in axes)
+        ways = _ways(self.mesh, axes)
         if size % ways:
           problems.append(f'{_path_str(path)} dim {dim} (logical {names[dim]!r}) has size {size}, '
                           f'not divisible by mesh axes {axes} of size {ways}')
@@ -158,7 +162,7 @@ class Partitioner:
     for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
                                       jax.tree.leaves(shardings)):
       if (np.prod(leaf.shape) >= REPLICATION_REPORT_MIN_SIZE
-          and all(axes is None for axes in sharding.spec)):
+          and all(_ways(self.mesh, axes) == 1 for axes in sharding.spec)):
         out.append(_path_str(path))
     return out
 
