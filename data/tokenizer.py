@@ -42,6 +42,7 @@ class Tokenizer:
 
   vocab_size: int
   specials: SpecialIds
+  ordinary_range: tuple[int, int]   # [low, high) holding every text token (specials excluded apart)
 
   @property
   def pad_id(self) -> int:
@@ -112,6 +113,7 @@ class ByteTokenizer(Tokenizer):
     n = len(CONTROL_NAMES)
     self.offset = n + num_sentinels
     self.vocab_size = self.offset + 256
+    self.ordinary_range = (self.offset, self.vocab_size)
     self.specials = SpecialIds(pad=0, bos=1, eos=2, unk=3, mask=4,
                                roles={'system': 5, 'user': 6, 'assistant': 7}, end_of_turn=8,
                                sentinels=tuple(range(n, n + num_sentinels)))
@@ -164,6 +166,7 @@ class SentencePieceTokenizer(Tokenizer):
         end_of_turn=resolve(-1, '<|end|>'),
         sentinels=tuple(resolve(-1, sentinel_piece(i)) for i in range(num_sentinels)))
     self.vocab_size = self.piece_size + len(self._extra)
+    self.ordinary_range = (0, self.piece_size)
     self._reserved = np.array(sorted(self.special_id_set() - {self.specials.unk}), np.int64)
 
   def encode(self, text: str) -> list[int]:

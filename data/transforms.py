@@ -200,11 +200,178 @@ class Packer:
     return out
 
 
-def attention_mask(segment_ids: np.ndarray, *, causal: bool = True) -> np.ndarray:
-  """``[..., L, L]`` mask the models build from packed rows: same non-zero segment (and causal)."""
-  seg = np.asarray(segment_ids)
-  mask = (seg[..., :, None] == seg[..., None, :]) & (seg[..., :, None] > 0)
-  if causal:
-    n = seg.shape[-1]
-    mask &= np.tril(np.ones((n, n), bool))
-  return mask
+def mlm_examples(ids: Sequence[int], rng: np.random.Generator, *, bos_id: int, eos_id: int,
+                 mask_id: int, vocab_low: int, vocab_high: int, special_ids: Sequence[int],
+                 seq_len: int, too_long: str, rate: float = 0.15, mask_frac: float = 0.8,
+                 random_frac: float = 0.1) -> list[dict]:
+  """BERT masking of one document, cut into ``[bos] chunk [eos]`` pieces of at most seq_len.
+
+  ``round(rate * n)`` of each piece's ``n`` text tokens are selected (at least one); of those,
+  ``mask_frac`` become ``mask_id``, ``random_frac`` a random ordinary token drawn from
+  ``[vocab_low, vocab_high)`` minus ``special_ids``, and the rest stay unchanged. Targets are
+  the original ids; the loss mask marks the selected positions.
+  """
+  ids = np.asarray(ids, np.int32)
+  starts, truncated, dropped = cut_points(len(ids), seq_len - 2, too_long)
+  if dropped or not len(ids):
+    return [dropped_example()]
+  specials = np.asarray(sorted(special_ids), np.int64)
+  out = []
+  for k, s in enumerate(starts):
+    chunk = ids[s:s + seq_len - 2]
+    n = len(chunk)
+    targets = np.concatenate([[bos_id], chunk, [eos_id]]).astype(np.int32)
+    inputs = targets.copy()
+    loss = np.zeros(n + 2, np.float32)
+    chosen = 1 + rng.choice(n, size=max(1, int(round(rate * n))), replace=False)
+    action = rng.random(len(chosen))
+    to_mask = chosen[action < mask_frac]
+    to_random = chosen[(action >= mask_frac) & (action < mask_frac + random_frac)]
+    inputs[to_mask] = mask_id
+    inputs[to_random] = _ordinary_tokens(rng, len(to_random), vocab_low, vocab_high, specials)
+    loss[chosen] = 1.0
+    out.append({'': {'inputs': inputs, 'targets': targets, 'loss_mask': loss},
+                STATS: example_stats(truncated=truncated, examples=int(k == 0))})
+  return out
+
+
+def _ordinary_tokens(rng: np.random.Generator, n: int, low: int, high: int,
+                     specials: np.ndarray) -> np.ndarray:
+  out = rng.integers(low, high, size=n)
+  bad = np.isin(out, specials)
+  while bad.any():
+    out[bad] = rng.integers(low, high, size=int(bad.sum()))
+    bad = np.isin(out, specials)
+  return out.astype(np.int32)
+
+
+def span_corruption_lengths(inputs_length: int, noise_density: float,
+                            mean_span_length: float) -> tuple[int, int]:
+  """(raw tokens per chunk, targets length) so a corrupted chunk fills ``inputs_length``.
+
+  A chunk of ``t`` tokens with ``s`` noise spans becomes ``t - noise + s + 1`` inputs
+  (sentinels and eos) and ``noise + s + 1`` targets; the largest ``t`` that fits is chosen, so
+  nothing is ever cut.
+  """
+  if not 0.0 < noise_density < 1.0 or mean_span_length < 1.0:
+    raise ValueError(f'span corruption needs 0 < noise_density < 1 and mean_span_length >= 1; '
+                     f'got {noise_density} and {mean_span_length}')
+
+  def lengths(t: int) -> tuple[int, int]:
+    noise, spans = _noise_counts(t, noise_density, mean_span_length)
+    return t - noise + spans + 1, noise + spans + 1
+
+  t = 2
+  while lengths(t + 1)[0] <= inputs_length:
+    t += 1
+  if lengths(t)[0] > inputs_length:
+    raise ValueError(f'data.seq_len={inputs_length} is too short for span corruption')
+  # A shorter final chunk never needs more targets than a full one.
+  return t, max(lengths(u)[1] for u in range(2, t + 1))
+
+
+def _noise_counts(n: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+  noise = min(max(int(round(n * noise_density)), 1), n - 1)
+  spans = max(min(int(round(noise / mean_span_length)), noise, n - noise), 1)
+  return noise, spans
+
+
+def _noise_mask(n: int, noise: int, spans: int, rng: np.random.Generator) -> np.ndarray:
+  """T5's span layout: alternate non-noise and noise runs, each side cut into ``spans`` runs."""
+
+  def partition(total: int) -> np.ndarray:
+    cuts = np.sort(rng.choice(total - 1, spans - 1, replace=False) + 1)
+    return np.diff(np.concatenate([[0], cuts, [total]]))
+
+  runs = np.stack([partition(n - noise), partition(noise)], axis=1).reshape(-1)
+  return np.repeat(np.tile([False, True], spans), runs)
+
+
+def span_corruption_examples(ids: Sequence[int], rng: np.random.Generator, *, raw_length: int,
+                             noise_density: float, mean_span_length: float,
+                             sentinel_ids: Sequence[int], eos_id: int,
+                             decoder_start_id: int) -> list[dict]:
+  """T5 span corruption of one document, cut into chunks of ``raw_length`` tokens.
+
+  Each chunk's noise spans are replaced by sentinels in the encoder input; the decoder target
+  lists ``sentinel_k span_k`` for every span, then eos. Decoder inputs are the targets shifted
+  right, starting with ``decoder_start_id``. A chunk needs two tokens (one kept, one noise):
+  a one-token document is dropped (counted) and a one-token tail borrows a token.
+  """
+  ids = np.asarray(ids, np.int32)
+  if len(ids) < 2:
+    return [dropped_example()]
+  bounds = list(range(0, len(ids), raw_length)) + [len(ids)]
+  if bounds[-1] - bounds[-2] == 1:
+    bounds[-2] -= 1
+  out = []
+  for k, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+    chunk = ids[s:e]
+    noise, spans = _noise_counts(len(chunk), noise_density, mean_span_length)
+    if spans > len(sentinel_ids):
+      raise ValueError(f'{spans} noise spans need more than the {len(sentinel_ids)} sentinels; '
+                       'raise data.num_sentinels or data.mean_noise_span_length')
+    is_noise = _noise_mask(len(chunk), noise, spans, rng)
+    starts = is_noise & ~np.concatenate([[False], is_noise[:-1]])
+    span_index = np.cumsum(starts) - 1
+    sentinels = np.asarray(sentinel_ids, np.int32)
+    inputs = np.where(starts, sentinels[span_index], chunk)[~is_noise | starts]
+    inputs = np.concatenate([inputs, [eos_id]]).astype(np.int32)
+    # Targets: each span's tokens preceded by its sentinel.
+    noise_starts = starts[is_noise]
+    at = np.arange(noise) + np.cumsum(noise_starts)
+    targets = np.empty(noise + spans + 1, np.int32)
+    targets[at] = chunk[is_noise]
+    targets[at[noise_starts] - 1] = sentinels[:spans]
+    targets[-1] = eos_id
+    dec_in = np.concatenate([[decoder_start_id], targets[:-1]]).astype(np.int32)
+    out.append({'encoder_': {'inputs': inputs},
+                'decoder_': {'inputs': dec_in, 'targets': targets,
+                             'loss_mask': np.ones(len(targets), np.float32)},
+                STATS: example_stats(examples=int(k == 0))})
+  return out
+
+
+def prompt_response_sequence(tokenizer, prompt: str, response: str, *, chat_template: bool
+                             ) -> tuple[list[int], list[float]]:
+  """Token ids of a prompt/response pair and a mask that is 1 on response tokens only.
+
+  With ``chat_template`` the pair is a user turn and an assistant turn (see
+  ``Tokenizer.encode_chat``); without it the texts are concatenated as
+  ``[bos] prompt response [eos]`` and the response plus eos are trained.
+  """
+  if chat_template:
+    return tokenizer.encode_chat([{'role': 'user', 'content': prompt},
+                                  {'role': 'assistant', 'content': response}])
+  p, r = tokenizer.encode(prompt), tokenizer.encode(response)
+  ids = [tokenizer.bos_id, *p, *r, tokenizer.eos_id]
+  return ids, [0.0] * (1 + len(p)) + [1.0] * (len(r) + 1)
+
+
+def preference_example(chosen: tuple[Sequence[int], Sequence[float]],
+                       rejected: tuple[Sequence[int], Sequence[float]], *, seq_len: int,
+                       too_long: str) -> dict:
+  """One aligned pair: ``chosen_*`` and ``rejected_*`` LM streams (mask = trained targets).
+
+  ``too_long='truncate'`` keeps the first ``seq_len`` targets of each side; a side left with no
+  trained target, or any overlong side under ``'drop'``, drops the pair.
+  """
+  if too_long not in ('truncate', 'drop'):
+    raise ValueError(f'data.too_long={too_long!r} cannot split a preference pair; use '
+                     '"truncate" or "drop"')
+  out: dict = {}
+  truncated = 0
+  for prefix, (ids, mask) in (('chosen_', chosen), ('rejected_', rejected)):
+    ids = np.asarray(ids, np.int32)
+    weights = np.asarray(mask, np.float32)[1:]
+    n = len(ids) - 1
+    if n > seq_len:
+      if too_long == 'drop':
+        return dropped_example()
+      truncated = 1
+      n = seq_len
+    if not weights[:n].any():
+      return dropped_example()
+    out[prefix] = {'inputs': ids[:n], 'targets': ids[1:n + 1], 'loss_mask': weights[:n]}
+  out[STATS] = example_stats(truncated=truncated)
+  return out
