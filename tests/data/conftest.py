@@ -1,12 +1,4 @@
-"""Fixtures for data tests: a locked-like config, a batch sharding, the shared datasets folder."""
-
-import os
-import sys
-
-if 'jax' not in sys.modules:
-  os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-
-from pathlib import Path
+"""Helpers for data tests: a small config, a batch sharding, batches as numpy."""
 
 import jax
 import ml_collections
@@ -15,20 +7,15 @@ import pytest
 
 from configs import base
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / 'shared' / 'datasets'
-
 
 def make_config(**data_overrides) -> ml_collections.ConfigDict:
-  """seed + train + data sections with small test sizes; overrides apply to config.data."""
-  c = ml_collections.ConfigDict({'seed': 0, 'train': base.train_config(),
-                                 'data': base.data_config()})
+  """The base config with small data sizes; keyword overrides apply to config.data."""
+  c = base.base_config()
   c.train.batch_size = 8
   c.data.seq_len = 64
   c.data.synthetic_train_size = 2000
   c.data.synthetic_test_size = 200
-  for k, v in data_overrides.items():
-    c.data[k] = v
+  c.data.update(data_overrides)
   return c
 
 
@@ -38,14 +25,6 @@ def batch_sharding() -> jax.sharding.NamedSharding:
   mesh = jax.make_mesh((len(jax.devices()),), ('data',),
                        axis_types=(jax.sharding.AxisType.Auto,))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data', None))
-
-
-@pytest.fixture
-def shared_datasets() -> Path:
-  """../shared/datasets, or a skip when this checkout has none."""
-  if not SHARED.is_dir():
-    pytest.skip(f'{SHARED} is absent (shared datasets are optional)')
-  return SHARED
 
 
 def host(batch: dict) -> dict:
