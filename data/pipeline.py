@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import json
 import logging
 from typing import Any
@@ -343,10 +344,12 @@ class Pipeline:
     self._batches = state['batches']
 
   def close(self) -> None:
-    """Stops grain's worker processes (if any); the pipeline cannot be used afterwards."""
-    close = getattr(self._iterator, 'close', None)
-    if close is not None:
-      close()
+    """Stops grain's threads and worker processes; the pipeline cannot be used afterwards."""
+    if self._iterator is not None:
+      self._iterator.close()
+      # Drop the iterators now: grain's __del__ fails if it first runs at interpreter exit.
+      self._iterator = None
+      gc.collect()
 
   def stats(self) -> dict:
     """This host's counters: batches, tokens, packing efficiency, examples, truncated, dropped,
@@ -423,7 +426,7 @@ def build_pipeline(config, batch_sharding: jax.sharding.Sharding, *, split: str 
   pad = {'inputs': tok.pad_id, 'targets': tok.pad_id}
   packer = transforms.Packer(lengths, pad_values=pad, method=d.packing,
                              max_segments=1 if d.task == 'preference' else None)
-  rows = PackedDataset(ds.to_iter_dataset(), packer, d.pack_window)
+  rows = PackedDataset(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), packer, d.pack_window)
   batches = rows.batch(local_batch, drop_remainder=False, batch_fn=functools.partial(
       _stack_padded, local_batch=local_batch, spec=spec))
   if d.worker_count > 0:
@@ -431,6 +434,10 @@ def build_pipeline(config, batch_sharding: jax.sharding.Sharding, *, split: str 
       # grain's workers read absl flags; outside an absl app (scripts, tests) use the defaults.
       flags.FLAGS.mark_as_parsed()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
+  else:
+    # One background thread builds the next batches while the train step runs (XLA releases
+    # the GIL); more reader threads only contend for the GIL.
+    batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
   info = {'task': d.task, 'source': d.source, 'split': split, 'records': n,
           'host_records': len(range(index, n, count)), 'source_skipped': source.skipped,
           'process_index': index, 'process_count': count, 'vocab_size': tok.vocab_size}

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 import re
 from collections.abc import Callable, Sequence
 
-import numpy as np
 
 LANGUAGES = ('en', 'zh')
 SPLITS = ('train', 'test')
@@ -51,11 +51,11 @@ def _finish(steps: Sequence[str], answer: int) -> str:
   return '\n'.join(steps) + f'\n#### {_fmt(answer)}'
 
 
-def _arithmetic(rng: np.random.Generator, level: int, lang: str) -> Problem:
+def _arithmetic(rng: random.Random, level: int, lang: str) -> Problem:
   """Evaluate an expression of ``level + 1`` operands with + - * and the usual precedence."""
   hi = 10 ** min(level + 1, 4)
-  nums = [int(rng.integers(1, hi)) for _ in range(level + 1)]
-  ops = [str(rng.choice(['+', '-', '*'])) for _ in range(level)]
+  nums = [rng.randrange(1, hi) for _ in range(level + 1)]
+  ops = [rng.choice('+-*') for _ in range(level)]
   expr = ' '.join([_fmt(nums[0])] + [f'{o} {_fmt(n)}' for o, n in zip(ops, nums[1:])])
   # Collapse products first, then sums left to right, writing each step.
   terms, signs, steps = [nums[0]], [], []
@@ -77,7 +77,7 @@ def _arithmetic(rng: np.random.Generator, level: int, lang: str) -> Problem:
   naive = nums[0]
   for o, n in zip(ops, nums[1:]):
     naive = naive + n if o == '+' else naive - n if o == '-' else naive * n
-  wrong = naive if naive != total else total + int(rng.choice([-10, -1, 1, 10]))
+  wrong = naive if naive != total else total + rng.choice((-10, -1, 1, 10))
   wrong_steps = steps[:-1] + [f'{steps[-1].rsplit("=", 1)[0]}= {_fmt(wrong)}']
   if lang == 'zh':
     q = f'计算：{expr} = ?'
@@ -91,12 +91,12 @@ def _arithmetic(rng: np.random.Generator, level: int, lang: str) -> Problem:
                  _fmt(total), _finish(wrong_steps, wrong), _fmt(wrong))
 
 
-def _chickens_rabbits(rng: np.random.Generator, level: int, lang: str) -> Problem:
+def _chickens_rabbits(rng: random.Random, level: int, lang: str) -> Problem:
   """Heads and legs are given; count chickens (2 legs) and rabbits (4 legs)."""
-  hi = (10, 40, 200)[min(level, 3) - 1]
-  chickens, rabbits = int(rng.integers(1, hi)), int(rng.integers(1, hi))
+  hi = (25, 80, 400)[min(level, 3) - 1]
+  chickens, rabbits = rng.randrange(1, hi), rng.randrange(1, hi)
   heads, legs = chickens + rabbits, 2 * chickens + 4 * rabbits
-  ask_rabbits = bool(rng.integers(2)) if level > 1 else True
+  ask_rabbits = rng.random() < 0.5 if level > 1 else True
   answer = rabbits if ask_rabbits else chickens
   # Plausible slip: dividing the extra legs by 4 instead of 2.
   wrong_r = (legs - 2 * heads) // 4
@@ -128,14 +128,15 @@ def _chickens_rabbits(rng: np.random.Generator, level: int, lang: str) -> Proble
                  _finish(wrong_steps, wrong), _fmt(wrong))
 
 
-def _shopping(rng: np.random.Generator, level: int, lang: str) -> Problem:
+def _shopping(rng: random.Random, level: int, lang: str) -> Problem:
   """Buy some items at a unit price, pay with a note, find the change."""
-  items = [('apples', '苹果'), ('pencils', '铅笔'), ('notebooks', '笔记本'), ('oranges', '橙子')]
-  name_en, name_zh = items[int(rng.integers(len(items)))]
-  count = int(rng.integers(2, (6, 12, 30)[min(level, 3) - 1]))
-  price = int(rng.integers(1, (5, 15, 40)[min(level, 3) - 1]))
+  items = [('apples', '苹果'), ('pencils', '铅笔'), ('notebooks', '笔记本'), ('oranges', '橙子'),
+           ('cakes', '蛋糕'), ('books', '书'), ('toys', '玩具'), ('cups', '杯子')]
+  name_en, name_zh = items[rng.randrange(len(items))]
+  count = rng.randrange(2, (10, 25, 60)[min(level, 3) - 1])
+  price = rng.randrange(1, (10, 30, 90)[min(level, 3) - 1])
   cost = count * price
-  paid = next(n for n in (10, 20, 50, 100, 200, 500, 1000, 2000) if n >= cost)
+  paid = next(n for n in (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000) if n >= cost)
   change = paid - cost
   wrong = paid - count - price  # adds count and price instead of multiplying
   if wrong == change:
@@ -157,7 +158,7 @@ def _shopping(rng: np.random.Generator, level: int, lang: str) -> Problem:
                  _finish(wrong_steps, wrong), _fmt(wrong))
 
 
-FAMILIES: dict[str, Callable[[np.random.Generator, int, str], Problem]] = {
+FAMILIES: dict[str, Callable[[random.Random, int, str], Problem]] = {
     'arithmetic': _arithmetic,
     'chickens_rabbits': _chickens_rabbits,
     'shopping': _shopping,
@@ -199,10 +200,11 @@ class SyntheticProblems:
       raise IndexError(f'synthetic {self.split} index {index} out of range [0, {self.num_examples})')
     split_code = SPLITS.index(self.split)
     for attempt in range(1000):
-      rng = np.random.default_rng([self.seed, split_code, index, attempt])
-      family = self.families[int(rng.integers(len(self.families)))]
-      level = int(self.levels[int(rng.integers(len(self.levels)))])
-      lang = self.languages[int(rng.integers(len(self.languages)))]
+      # String seeds go through SHA-512: the same problem on every machine and Python build.
+      rng = random.Random(f'{self.seed}:{split_code}:{index}:{attempt}')
+      family = self.families[rng.randrange(len(self.families))]
+      level = int(self.levels[rng.randrange(len(self.levels))])
+      lang = self.languages[rng.randrange(len(self.languages))]
       p = FAMILIES[family](rng, level, lang)
       if split_of(p.key, self.seed, self.test_fraction) == self.split:
         return p
