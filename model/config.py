@@ -33,6 +33,19 @@ class ModelConfig:
   remat_policy: str = 'none'      # rematerialisation: 'none' | 'full' | 'dots' | 'dots_no_batch'
   attention_impl: str = 'xla'     # jax.nn.dot_product_attention implementation: 'xla' | 'cudnn'
   dropout_rate: float = 0.0       # residual dropout while training
+  num_experts: int = 0            # MoE: routed experts per MoE layer; 0 = dense model
+  num_experts_per_tok: int = 2    # MoE: experts each token is routed to (top-k)
+  num_shared_experts: int = 0     # MoE: always-on experts per MoE layer (DeepSeek-style)
+  expert_mlp_dim: int = 0         # MoE: hidden width of one expert; 0 = mlp_dim
+  first_dense_layers: int = 0     # MoE: leading layers that keep the dense MLP
+  moe_every: int = 1              # MoE: after those, every moe_every-th layer is MoE (1 = all)
+  router_score: str = 'softmax'   # MoE: router scores 'softmax' | 'sigmoid'
+  renormalize: bool = True        # MoE: top-k combine weights rescaled to sum to 1
+  routed_scaling: float = 1.0     # MoE: factor on the routed experts' combined output
+  moe_dispatch: str = 'dropless'  # MoE: 'dropless' (grouped matmul) | 'capacity' (drops overflow)
+  capacity_factor: float = 1.25   # MoE capacity dispatch: slots per expert / (k * tokens / experts)
+  load_balance_loss: float = 0.01  # MoE: coefficient of the Switch load-balancing loss
+  router_z_loss: float = 0.001    # MoE: coefficient of the router z-loss
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> 'ModelConfig':

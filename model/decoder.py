@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from model.attention import Attention, attention_mask
 from model.config import ModelConfig
 from model.layers import MLP, Embed, Projection, RMSNorm
+from model.moe import MOE_COLLECTION, MoE
 
 REMAT_POLICIES = {
     'none': None,
@@ -17,8 +18,10 @@ REMAT_POLICIES = {
 
 
 class DecoderLayer(nn.Module):
-  """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, None) so it can be scanned."""
+  """x + attn(norm(x)), then x + mlp(norm(x)) (MoE block if `moe`). Returns (x, None) so it
+  can be scanned."""
   cfg: ModelConfig
+  moe: bool = False
 
   @nn.compact
   def __call__(self, x, positions, mask, deterministic):
@@ -27,13 +30,34 @@ class DecoderLayer(nn.Module):
     h = RMSNorm(cfg, name='attn_norm')(x)
     h = Attention(cfg, name='attn')(h, h, mask, positions, positions)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    h = MLP(cfg, name='mlp')(RMSNorm(cfg, name='mlp_norm')(x))
+    h = (MoE if self.moe else MLP)(cfg, name='mlp')(RMSNorm(cfg, name='mlp_norm')(x))
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return x, None
 
 
-def layer_stack(layer_cls, cfg: ModelConfig, name: str = 'layers'):
-  """`cfg.num_layers` copies of `layer_cls` applied in sequence, scanned or unrolled.
+class MoEBlock(nn.Module):
+  """`cfg.moe_every - 1` dense layers then one MoE layer: the repeating unit that is scanned."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, deterministic):
+    for i in range(self.cfg.moe_every - 1):
+      x = DecoderLayer(self.cfg, name=f'dense_{i}')(x, positions, mask, deterministic)[0]
+    return DecoderLayer(self.cfg, moe=True, name='moe')(x, positions, mask, deterministic)
+
+
+def moe_layout(cfg: ModelConfig) -> tuple[int, int]:
+  """(leading dense layers, MoE blocks of `moe_every` layers) for an MoE config."""
+  dense, every = cfg.first_dense_layers, cfg.moe_every
+  if every < 1 or not 0 <= dense < cfg.num_layers or (cfg.num_layers - dense) % every:
+    raise ValueError(f'model.num_layers={cfg.num_layers} minus model.first_dense_layers={dense} '
+                     f'must be a positive multiple of model.moe_every={every}.')
+  return dense, (cfg.num_layers - dense) // every
+
+
+def layer_stack(layer_cls, cfg: ModelConfig, name: str = 'layers', num_layers: int = 0):
+  """`num_layers` (default `cfg.num_layers`) copies of `layer_cls` applied in sequence,
+  scanned or unrolled.
 
   Scanned parameters are stacked on a leading 'layers' axis under `name`; unrolled ones live
   under `{name}_{i}`. `stack_layers`/`unstack_layers` convert between the two layouts.
@@ -45,13 +69,16 @@ def layer_stack(layer_cls, cfg: ModelConfig, name: str = 'layers'):
     layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy],
                          prevent_cse=not cfg.scan_layers, static_argnums=(4,))
 
+  num_layers = num_layers or cfg.num_layers
+
   def apply(x, *args):
     if cfg.scan_layers:
-      scanned = nn.scan(layer_cls, variable_axes={'params': 0}, split_rngs={'params': True,
-                        'dropout': True}, in_axes=(nn.broadcast,) * len(args),
-                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+      scanned = nn.scan(layer_cls, variable_axes={'params': 0, MOE_COLLECTION: 0},
+                        split_rngs={'params': True, 'dropout': True},
+                        in_axes=(nn.broadcast,) * len(args), length=num_layers,
+                        metadata_params={nn.PARTITION_NAME: 'layers'})
       return scanned(cfg, name=name)(x, *args)[0]
-    for i in range(cfg.num_layers):
+    for i in range(num_layers):
       x = layer_cls(cfg, name=f'{name}_{i}')(x, *args)[0]
     return x
 
@@ -68,7 +95,15 @@ class Decoder(nn.Module):
     embed = Embed(cfg, name='embed')
     x = embed(inputs)
     mask = attention_mask(segment_ids, segment_ids, causal=True)
-    x = layer_stack(DecoderLayer, cfg)(x, positions, mask, deterministic)
+    if cfg.num_experts:
+      # Leading dense layers and the MoE blocks are two scans, so every pattern compiles once.
+      dense, blocks = moe_layout(cfg)
+      if dense:
+        x = layer_stack(DecoderLayer, cfg, 'dense_layers', dense)(x, positions, mask,
+                                                                  deterministic)
+      x = layer_stack(MoEBlock, cfg, 'layers', blocks)(x, positions, mask, deterministic)
+    else:
+      x = layer_stack(DecoderLayer, cfg)(x, positions, mask, deterministic)
     x = RMSNorm(cfg, name='final_norm')(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(x.dtype)

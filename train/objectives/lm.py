@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 
+from model.moe import MOE_COLLECTION, moe_metrics
 from train.objectives.base import Objective
 from train.objectives.losses import token_cross_entropy
 
@@ -16,8 +17,14 @@ def causal_lm(model, config) -> Objective:
     return model.init({'params': rng}, ids, ids, ids + 1)['params']
 
   def loss_fn(params, batch, rng, *, train: bool):
-    logits = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                         batch['segment_ids'], deterministic=not train, rngs={'dropout': rng})
-    return token_cross_entropy(logits, batch['targets'], batch['loss_mask'], z_loss)
+    logits, stats = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                                batch['segment_ids'], deterministic=not train,
+                                rngs={'dropout': rng}, mutable=[MOE_COLLECTION])
+    metrics = token_cross_entropy(logits, batch['targets'], batch['loss_mask'], z_loss)
+    moe = moe_metrics(stats)
+    if moe:   # MoE aux losses are per-token means: weight them by the loss's token count
+      loss, count = metrics['loss']
+      metrics['loss'] = (loss + moe['moe_aux_loss'][0] * count, count)
+    return {**metrics, **moe}
 
   return Objective(loss_fn=loss_fn, init_fn=init_fn)
