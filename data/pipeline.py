@@ -118,12 +118,14 @@ class TaskExamples:
 class PackedDataset(grain.IterDataset):
   """Packs a stream of per-record example lists into rows, resumable at any row boundary."""
 
-  def __init__(self, parent: grain.IterDataset, packer: transforms.Packer, window: int):
+  def __init__(self, parent: grain.IterDataset, packer: transforms.Packer, window: int,
+               epoch_records: int):
     super().__init__(parent)
-    self.packer, self.window = packer, window
+    self.packer, self.window, self.epoch_records = packer, window, epoch_records
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _PackedIterator(self._parent.__iter__(), self.packer, self.window)
+    return _PackedIterator(self._parent.__iter__(), self.packer, self.window,
+                           self.epoch_records)
 
 
 class _PackedIterator(grain.DatasetIterator):
@@ -134,9 +136,11 @@ class _PackedIterator(grain.DatasetIterator):
   point and repacks, which reproduces the same rows because packing is deterministic.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, packer: transforms.Packer, window: int):
+  def __init__(self, parent: grain.DatasetIterator, packer: transforms.Packer, window: int,
+               epoch_records: int):
     super().__init__(parent)
-    self._packer, self._window = packer, window
+    self._packer, self._window, self._epoch_records = packer, window, epoch_records
+    self._dropped_run = 0
     self._reset(parent.get_state(), 0, 0)
 
   def _reset(self, parent_state: dict, offset: int, skip_rows: int) -> None:
@@ -170,7 +174,15 @@ class _PackedIterator(grain.DatasetIterator):
       self._taken = 0
     pos = (copy.deepcopy(self._record_state), self._taken)
     self._taken += 1
-    return self._record[self._taken - 1], pos
+    ex = self._record[self._taken - 1]
+    if not transforms.is_dropped(ex):
+      self._dropped_run = 0
+    elif (run := self._dropped_run + 1) > self._epoch_records:
+      raise ValueError(f'every one of the last {run} examples was dropped as too long (a whole '
+                       'epoch): raise data.seq_len or set data.too_long to "truncate" or "split"')
+    else:
+      self._dropped_run = run
+    return ex, pos
 
   def __next__(self) -> dict:
     if self._packer.method == 'first_fit':
@@ -426,7 +438,8 @@ def build_pipeline(config, batch_sharding: jax.sharding.Sharding, *, split: str 
   pad = {'inputs': tok.pad_id, 'targets': tok.pad_id}
   packer = transforms.Packer(lengths, pad_values=pad, method=d.packing,
                              max_segments=1 if d.task == 'preference' else None)
-  rows = PackedDataset(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), packer, d.pack_window)
+  rows = PackedDataset(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), packer,
+                       d.pack_window, epoch_records=len(range(index, n, count)))
   batches = rows.batch(local_batch, drop_remainder=False, batch_fn=functools.partial(
       _stack_padded, local_batch=local_batch, spec=spec))
   if d.worker_count > 0:
