@@ -331,6 +331,9 @@ class Pipeline:
       raise StopIteration
     counts = local.pop(transforms.STATS, np.zeros((1, len(transforms.STAT_NAMES)))).sum(axis=0)
     for name, c in zip(transforms.STAT_NAMES, counts):
+      if c and not self._counts[name] and name != 'examples':
+        logging.warning('data: examples longer than a row are being %s (data.too_long=%r); '
+                        'stats() counts them', name, self._info['too_long'])
       self._counts[name] += int(c)
     for k, v in local.items():
       if k.endswith('segment_ids'):
@@ -451,7 +454,8 @@ def build_pipeline(config, batch_sharding: jax.sharding.Sharding, *, split: str 
     # One background thread builds the next batches while the train step runs (XLA releases
     # the GIL); more reader threads only contend for the GIL.
     batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
-  info = {'task': d.task, 'source': d.source, 'split': split, 'records': n,
+  info = {'task': d.task, 'source': d.source, 'split': split, 'too_long': d.too_long,
+          'records': n,
           'host_records': len(range(index, n, count)), 'source_skipped': source.skipped,
           'process_index': index, 'process_count': count, 'vocab_size': tok.vocab_size}
   logging.info('data pipeline: %s', info)

@@ -31,9 +31,10 @@ def test_lm_batch_is_next_token_within_segments(batch_sharding, packing):
   assert p.stats()['packing_efficiency'] > 0.5
 
 
-@pytest.mark.parametrize('packing', ['greedy', 'first_fit'])
-def test_resume_from_state_yields_identical_batches(batch_sharding, packing):
-  cfg = make_config(packing=packing, pack_window=16)
+@pytest.mark.parametrize('task,packing', [('lm', 'greedy'), ('lm', 'first_fit'),
+                                          ('mlm', 'greedy'), ('span_corruption', 'first_fit')])
+def test_resume_from_state_yields_identical_batches(batch_sharding, task, packing):
+  cfg = make_config(task=task, packing=packing, pack_window=16)
   p = pipeline.build_pipeline(cfg, batch_sharding)
   for _ in range(3):
     next(p)
