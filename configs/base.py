@@ -57,11 +57,11 @@ def data_config() -> ml_collections.ConfigDict:
   """Input pipeline (owned by data/; see data/pipeline.py and data/sources.py)."""
   c = ml_collections.ConfigDict()
   c.task = 'lm'                  # batch format: lm | sft | mlm | span_corruption | preference
-  c.source = 'synthetic'         # synthetic | text:PATH | sft_jsonl:PATH | preference_jsonl:PATH | gsm8k:PATH | tfds:NAME[/CONFIG][:VERSION]
-  c.data_dir = '~/.cache/seedling/tfds'  # where file sources are prepared (once) and TFDS datasets are read
+  c.source = 'synthetic'         # synthetic|text:P|sft_jsonl:P|preference_jsonl:P|gsm8k:P|tfds:NAME
+  c.data_dir = '~/.cache/seedling/tfds'  # file sources are prepared here once; tfds: reads here
   c.text_unit = 'file'           # text:PATH documents: one per file | one per line
   c.text_field = 'text'          # record field holding the text (json text files, tfds sources)
-  c.bad_lines = 'error'          # malformed or incomplete source record: error (file:line) | skip (counted)
+  c.bad_lines = 'error'          # bad source record: error (names file:line) | skip (counted)
   c.eval_fraction = 0.0          # file sources: hold out this tail fraction as the 'eval' split
   c.eval_split = ''              # tfds sources: split used for 'eval'; '' = validation or test
   c.tokenizer = 'byte'           # byte (no files; 365 ids) | sentencepiece:PATH.model
@@ -72,7 +72,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.target_len = 0               # span_corruption decoder length; 0 = computed so nothing is cut
   c.packing = 'greedy'           # greedy (order preserving) | first_fit (tighter, per window)
   c.pack_window = 256            # examples packed together by first_fit
-  c.too_long = 'split'           # example longer than a row: split (not preference) | truncate | drop (counted)
+  c.too_long = 'split'           # example longer than a row: split (not preference)|truncate|drop
   c.mlm_rate = 0.15              # mlm: share of text tokens selected for prediction
   c.mlm_mask_frac = 0.8          # mlm: selected tokens replaced by the mask id
   c.mlm_random_frac = 0.1        # mlm: selected tokens replaced by a random token (rest unchanged)
@@ -85,7 +85,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.synthetic_test_size = 2_000  # problems in the embedded synthetic test split
   c.synthetic_seed = 0           # fixes the synthetic corpus and its train/test split
   c.synthetic_test_fraction = 0.1  # share of problem keys reserved for the test split
-  c.synthetic_families = ('arithmetic', 'chickens_rabbits', 'shopping')  # problem generators used
+  c.synthetic_families = ('arithmetic', 'chickens_rabbits', 'shopping', 'travel')  # generators
   c.synthetic_levels = (1, 2, 3)  # difficulty levels drawn uniformly
   c.synthetic_languages = ('en', 'zh')  # template languages drawn uniformly
   return c

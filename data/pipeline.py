@@ -17,9 +17,9 @@ import logging
 from typing import Any
 
 import grain
-from absl import flags
 import jax
 import numpy as np
+from absl import flags
 from jax.experimental import multihost_utils
 
 from data import sources
@@ -153,7 +153,6 @@ class _PackedIterator(grain.DatasetIterator):
     self._window_start = (copy.deepcopy(parent_state), offset)
     self._emitted = 0
     if offset:
-      self._record_state = copy.deepcopy(parent_state)
       self._record = list(next(self._parent))
       self._taken = offset
     if skip_rows:
@@ -208,20 +207,20 @@ class _PackedIterator(grain.DatasetIterator):
       row.add(ex)
 
   def _fill_window(self) -> None:
+    """Reads up to ``window`` kept examples (dropped ones only add their counts) and packs them."""
     examples, dropped = [], np.zeros(len(transforms.STAT_NAMES), np.int64)
-    while not self._rows:
-      while len(examples) < self._window:
-        try:
-          ex, _ = self._read()
-        except StopIteration:
-          break
-        if transforms.is_dropped(ex):
-          dropped += ex[transforms.STATS]
-        else:
-          examples.append(ex)
-      if not examples:
-        raise StopIteration
-      self._rows = self._packer.pack(examples)
+    while len(examples) < self._window:
+      try:
+        ex, _ = self._read()
+      except StopIteration:
+        break
+      if transforms.is_dropped(ex):
+        dropped += ex[transforms.STATS]
+      else:
+        examples.append(ex)
+    if not examples:
+      raise StopIteration
+    self._rows = self._packer.pack(examples)
     self._rows[0][transforms.STATS] += dropped
 
   def _next_first_fit(self) -> dict:
@@ -247,15 +246,22 @@ class _PackedIterator(grain.DatasetIterator):
     self._reset(state['parent'], state['offset'], state['skip_rows'])
 
 
-def _stack_padded(rows: list[dict], *, local_batch: int, spec: dict) -> dict:
-  """Stacks rows; a short final batch is filled with all-padding rows (segment id 0)."""
+def padding_rows(spec: dict, count: int, pad_id: int) -> dict[str, np.ndarray]:
+  """``count`` all-padding rows of every key (segment id 0, no loss, pad tokens)."""
+  out = {}
+  for k, (n, dt) in spec.items():
+    fill = pad_id if k.endswith(('inputs', 'targets')) else 0
+    out[k] = np.full((count, n), fill, dt)
+  out[transforms.STATS] = np.zeros((count, len(transforms.STAT_NAMES)), np.int64)
+  return out
+
+
+def _stack_padded(rows: list[dict], *, local_batch: int, spec: dict, pad_id: int) -> dict:
+  """Stacks rows; a short final batch is filled with all-padding rows."""
   out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  missing = local_batch - len(rows)
-  if missing:
-    for k, (n, dt) in spec.items():
-      out[k] = np.concatenate([out[k], np.zeros((missing, n), dt)])
-    out[transforms.STATS] = np.concatenate(
-        [out[transforms.STATS], np.zeros((missing, len(transforms.STAT_NAMES)), np.int64)])
+  if len(rows) < local_batch:
+    extra = padding_rows(spec, local_batch - len(rows), pad_id)
+    out = {k: np.concatenate([v, extra[k]]) for k, v in out.items()}
   return out
 
 
@@ -326,10 +332,10 @@ class Pipeline:
       if np.all(done):
         raise StopIteration
       if local is None:
-        local = {k: np.zeros((self._local_batch, n), dt) for k, (n, dt) in self._spec.items()}
+        local = padding_rows(self._spec, self._local_batch, self.tokenizer.pad_id)
     elif local is None:
       raise StopIteration
-    counts = local.pop(transforms.STATS, np.zeros((1, len(transforms.STAT_NAMES)))).sum(axis=0)
+    counts = local.pop(transforms.STATS).sum(axis=0)
     for name, c in zip(transforms.STAT_NAMES, counts):
       if c and not self._counts[name] and name != 'examples':
         logging.warning('data: examples longer than a row are being %s (data.too_long=%r); '
@@ -444,7 +450,7 @@ def build_pipeline(config, batch_sharding: jax.sharding.Sharding, *, split: str 
   rows = PackedDataset(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), packer,
                        d.pack_window, epoch_records=len(range(index, n, count)))
   batches = rows.batch(local_batch, drop_remainder=False, batch_fn=functools.partial(
-      _stack_padded, local_batch=local_batch, spec=spec))
+      _stack_padded, local_batch=local_batch, spec=spec, pad_id=tok.pad_id))
   if d.worker_count > 0:
     if not flags.FLAGS.is_parsed():
       # grain's workers read absl flags; outside an absl app (scripts, tests) use the defaults.

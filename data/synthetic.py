@@ -158,10 +158,49 @@ def _shopping(rng: random.Random, level: int, lang: str) -> Problem:
                  _finish(wrong_steps, wrong), _fmt(wrong))
 
 
+def _travel(rng: random.Random, level: int, lang: str) -> Problem:
+  """Distance from speed and time: one leg at level 1, two legs (summed) above."""
+  legs = 1 if level == 1 else 2
+  top = (60, 90, 120)[min(level, 3) - 1]
+  trips = [(rng.randrange(10, top), rng.randrange(1, 3 + 2 * level)) for _ in range(legs)]
+  parts = [v * t for v, t in trips]
+  answer = sum(parts)
+  # Plausible slip: multiplying the summed speeds by the summed hours.
+  if legs > 1:
+    wrong = sum(v for v, _ in trips) * sum(t for _, t in trips)
+  else:
+    wrong = trips[0][0] + trips[0][1]
+  if wrong == answer:
+    wrong = answer + trips[0][0]
+  key = 'travel:' + ':'.join(f'{v}x{t}' for v, t in trips)
+  if lang == 'zh':
+    q = ('一辆车' + '，然后'.join(f'以每小时{v}千米的速度行驶{t}小时' for v, t in trips)
+         + '。一共行驶了多少千米？')
+    steps = [f'{v} * {t} = {d} 千米。' for (v, t), d in zip(trips, parts)]
+    if legs > 1:
+      steps.append(f'合计：{" + ".join(map(str, parts))} = {answer} 千米。')
+  else:
+    q = ('A car drives ' + ', then '.join(f'{t} hours at {v} km/h' for v, t in trips)
+         + '. How many kilometres does it drive in total?')
+    steps = [f'{t} hours at {v} km/h is {v} * {t} = {d} km.' for (v, t), d in zip(trips, parts)]
+    if legs > 1:
+      steps.append(f'In total {" + ".join(map(str, parts))} = {answer} km.')
+  if legs > 1:
+    sv, st = sum(v for v, _ in trips), sum(t for _, t in trips)
+    wrong_steps = [f'{" + ".join(str(v) for v, _ in trips)} = {sv}',
+                   f'{" + ".join(str(t) for _, t in trips)} = {st}', f'{sv} * {st} = {wrong}']
+  else:
+    v, t = trips[0]
+    wrong_steps = [f'{v} + {t} = {wrong}']
+  return Problem('travel', level, lang, key, q, _finish(steps, answer), _fmt(answer),
+                 _finish(wrong_steps, wrong), _fmt(wrong))
+
+
 FAMILIES: dict[str, Callable[[random.Random, int, str], Problem]] = {
     'arithmetic': _arithmetic,
     'chickens_rabbits': _chickens_rabbits,
     'shopping': _shopping,
+    'travel': _travel,
 }
 
 
@@ -197,7 +236,8 @@ class SyntheticProblems:
   def problem(self, index: int) -> Problem:
     """Problem ``index``: redraws until the problem belongs to this split."""
     if not 0 <= index < self.num_examples:
-      raise IndexError(f'synthetic {self.split} index {index} out of range [0, {self.num_examples})')
+      raise IndexError(f'synthetic {self.split} index {index} is outside '
+                       f'[0, {self.num_examples})')
     split_code = SPLITS.index(self.split)
     for attempt in range(1000):
       # String seeds go through SHA-512: the same problem on every machine and Python build.

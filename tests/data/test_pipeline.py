@@ -80,8 +80,10 @@ def test_span_corruption_decoder_inputs_are_targets_shifted_within_segments(batc
   start = (seg > 0) & (pos == 0)
   assert (b['decoder_inputs'][start] == p.tokenizer.bos_id).all()
   inner = (seg[:, 1:] > 0) & (pos[:, 1:] > 0)
-  np.testing.assert_array_equal(b['decoder_inputs'][:, 1:][inner], b['decoder_targets'][:, :-1][inner])
-  assert b['encoder_segment_ids'].max() >= 1 and b['decoder_targets'].shape[1] == pipeline.target_length(cfg)
+  np.testing.assert_array_equal(b['decoder_inputs'][:, 1:][inner],
+                                b['decoder_targets'][:, :-1][inner])
+  assert b['encoder_segment_ids'].max() >= 1
+  assert b['decoder_targets'].shape[1] == pipeline.target_length(cfg)
   with pytest.raises(ValueError, match='target_len=3 is shorter'):
     pipeline.build_pipeline(make_config(task='span_corruption', target_len=3), batch_sharding)
 
