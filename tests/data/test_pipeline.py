@@ -201,3 +201,17 @@ def test_configuration_errors_are_explained(batch_sharding):
     pipeline.build_pipeline(make_config(task='preference'), batch_sharding)
   with pytest.raises(ValueError, match='data.too_long'):
     pipeline.build_pipeline(make_config(too_long='wrap'), batch_sharding)
+
+
+def test_each_epoch_is_a_new_permutation_of_the_data(batch_sharding, tmp_path):
+  path = tmp_path / 'docs.txt'
+  docs = [f'doc {i:02d}' for i in range(32)]
+  path.write_text('\n'.join(docs) + '\n')
+  cfg = make_config(source=f'text:{path}', text_unit='line', num_epochs=2, seq_len=16,
+                    data_dir=str(tmp_path / 'tfds'))
+  p = pipeline.build_pipeline(cfg, batch_sharding)
+  order = [p.tokenizer.decode(row[seg == s]) for b in map(host, p)
+           for row, seg in zip(b['inputs'], b['segment_ids']) for s in range(1, seg.max() + 1)]
+  first, second = order[:32], order[32:]
+  assert sorted(first) == sorted(second) == docs
+  assert first != second and first != docs
