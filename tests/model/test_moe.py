@@ -114,11 +114,14 @@ def test_aux_loss_metric_is_the_weighted_sum_over_moe_layers():
                             load_balance_loss=0.1, router_z_loss=0.01)
   batch = packed_batch(2, 8, cfg.vocab_size)
   model = build_model(cfg)
-  variables = model.init(jax.random.key(0), batch['inputs'], batch['positions'],
-                         batch['segment_ids'])
-  _, stats = model.apply({'params': meta.unbox(variables['params'])}, batch['inputs'],
-                         batch['positions'], batch['segment_ids'], mutable=[MOE_COLLECTION])
-  m = moe_metrics(stats)
+  args = (batch['inputs'], batch['positions'], batch['segment_ids'])
+
+  @jax.jit
+  def metrics(rng):
+    params = meta.unbox(model.init(rng, *args)['params'])
+    return moe_metrics(model.apply({'params': params}, *args, mutable=[MOE_COLLECTION])[1])
+
+  m = metrics(jax.random.key(0))
   assert float(m['moe_load_balance'][1]) == 3.0      # 3 MoE layers after 1 dense layer
   expected = 0.1 * m['moe_load_balance'][0] + 0.01 * m['moe_router_z'][0]
   np.testing.assert_allclose(m['moe_aux_loss'][0], expected, rtol=1e-5)
@@ -129,8 +132,8 @@ def test_layer_patterns_scan_and_place_moe_layers(dense, every, moe_layers):
   cfg = dataclasses.replace(CFG, vocab_size=32, num_layers=4, num_heads=2, num_kv_heads=1,
                             head_dim=8, first_dense_layers=dense, moe_every=every)
   batch = packed_batch(1, 8, cfg.vocab_size)
-  params = meta.unbox(build_model(cfg).init(jax.random.key(0), batch['inputs'],
-                                            batch['positions'], batch['segment_ids'])['params'])
+  params = meta.unbox(jax.eval_shape(build_model(cfg).init, jax.random.key(0), batch['inputs'],
+                                     batch['positions'], batch['segment_ids'])['params'])
   experts = params['layers']['moe']['mlp']['wi_0']
   assert experts.shape == (moe_layers, cfg.num_experts, cfg.d_model, cfg.expert_mlp_dim)
   assert ('dense_layers' in params) == (dense > 0)
@@ -140,8 +143,8 @@ def test_layer_patterns_scan_and_place_moe_layers(dense, every, moe_layers):
                    - cfg.d_model * cfg.num_experts)
   assert active_layer_params(dense_cfg) - active_layer_params(cfg) == moe_layers * per_layer_gap
   with pytest.raises(ValueError, match='moe_every'):
-    build_model(dataclasses.replace(cfg, moe_every=3, first_dense_layers=0)).init(
-        jax.random.key(0), batch['inputs'], batch['positions'], batch['segment_ids'])
+    jax.eval_shape(build_model(dataclasses.replace(cfg, moe_every=3, first_dense_layers=0)).init,
+                   jax.random.key(0), batch['inputs'], batch['positions'], batch['segment_ids'])
 
 
 def _loss_and_grads(part, objective, params, batch):
@@ -160,9 +163,12 @@ def _loss_and_grads(part, objective, params, batch):
   return grads, metrics, params
 
 
-@pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
-def test_expert_parallel_meshes_equal_one_device(dispatch):
-  config = tiny_config(num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+# Each dispatch on one of the two meshes keeps the compiles (the cost of this test) to four.
+@pytest.mark.parametrize('dispatch,axes', [('capacity', dict(expert=4, data=2)),
+                                           ('dropless', dict(expert=2, fsdp=2, tensor=2))],
+                         ids=str)
+def test_expert_parallel_mesh_equals_one_device(dispatch, axes):
+  config = tiny_config(num_layers=1, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
                        expert_mlp_dim=32, moe_dispatch=dispatch, capacity_factor=1.0)
   objective = build_objective('causal_lm', build_model(
       ModelConfig.from_dict(config.model.to_dict())), config)
@@ -172,14 +178,13 @@ def test_expert_parallel_meshes_equal_one_device(dispatch):
   ref_grads, ref_metrics, _ = _loss_and_grads(single, objective, params, batch)
   if dispatch == 'capacity':
     assert float(ref_metrics['moe_dropped'][0]) > 0    # drops must agree across meshes too
-  for axes in (dict(expert=4, data=2), dict(expert=2, fsdp=2, tensor=2)):
-    grads, metrics, placed = _loss_and_grads(partitioner(**axes), objective, params, batch)
-    for name, (s, c) in ref_metrics.items():
-      np.testing.assert_allclose(metrics[name][0], s, rtol=1e-5, err_msg=name)
-      np.testing.assert_allclose(metrics[name][1], c, rtol=1e-6, err_msg=name)
-    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-      np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(np.abs(r).max()))
-    # Each device holds only its experts' slice of the expert kernels.
-    wi = placed['layers']['moe']['mlp']['wi_0']     # [layers, expert, embed, mlp]
-    assert wi.addressable_shards[0].data.shape == (
-        2, 4 // axes['expert'], 64 // axes.get('fsdp', 1), 32 // axes.get('tensor', 1))
+  grads, metrics, placed = _loss_and_grads(partitioner(**axes), objective, params, batch)
+  for name, (s, c) in ref_metrics.items():
+    np.testing.assert_allclose(metrics[name][0], s, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(metrics[name][1], c, rtol=1e-6, err_msg=name)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(np.abs(r).max()))
+  # Each device holds only its experts' slice of the expert kernels.
+  wi = placed['layers']['moe']['mlp']['wi_0']     # [layers, expert, embed, mlp]
+  assert wi.addressable_shards[0].data.shape == (
+      1, 4 // axes['expert'], 64 // axes.get('fsdp', 1), 32 // axes.get('tensor', 1))
