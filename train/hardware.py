@@ -18,6 +18,29 @@ DATASHEET_PEAK_FLOPS = {
     'NVIDIA A100': 312e12,
 }
 
+# Accelerator memory per chip in bytes, by the short names the planner's --device takes.
+GiB = 2 ** 30
+DEVICE_MEMORY_BYTES = {
+    'v4': 32 * GiB,
+    'v5e': 16 * GiB,
+    'v5p': 95 * GiB,
+    'v6e': 32 * GiB,
+    'a100': 80 * GiB,
+    'a100-40': 40 * GiB,
+    'h100': 80 * GiB,
+    'h200': 141 * GiB,
+    'b200': 192 * GiB,
+}
+
+
+def device_memory(name: str) -> int:
+  """Memory of one `name` device (a DEVICE_MEMORY_BYTES key, case-insensitive) in bytes."""
+  key = name.lower()
+  if key not in DEVICE_MEMORY_BYTES:
+    raise ValueError(f'--device={name!r} is not in train/hardware.py DEVICE_MEMORY_BYTES; '
+                     f'choose one of {sorted(DEVICE_MEMORY_BYTES)} or add it there.')
+  return DEVICE_MEMORY_BYTES[key]
+
 
 @functools.lru_cache(maxsize=None)
 def measured_cpu_peak_flops(n: int = 2048, repeats: int = 5) -> float:

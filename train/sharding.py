@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
@@ -65,12 +66,33 @@ def mesh_shape(requested: dict[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def _host_axis(shape: tuple[int, ...], hosts: int) -> int:
+  """Index of the data-parallel axis ('data', else 'fsdp') that spans the hosts."""
+  for axis in ('data', 'fsdp'):
+    if shape[MESH_AXES.index(axis)] % hosts == 0:
+      return MESH_AXES.index(axis)
+  raise ValueError(f'mesh: {dict(zip(MESH_AXES, shape))} spans {hosts} hosts, but neither '
+                   f'mesh.data nor mesh.fsdp is a multiple of {hosts}; data-parallel axes go '
+                   'across hosts and model axes stay inside one.')
+
+
 def make_mesh(requested: dict[str, int], devices: Optional[Sequence[Any]] = None) -> Mesh:
-  """A mesh over `devices` (default: all) with Auto axis types, as linen's constraints need."""
+  """A mesh over `devices` (default: all) with Auto axis types, as linen's constraints need.
+
+  Devices of several processes (multi-host) are laid out so that the host boundary falls on a
+  data-parallel axis ('data', else 'fsdp') and tensor/expert traffic stays inside a host.
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(requested, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  hosts = len({d.process_index for d in devices})
+  if hosts == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  i = _host_axis(shape, hosts)
+  per_host = shape[:i] + (shape[i] // hosts,) + shape[i + 1:]
+  across = tuple(hosts if j == i else 1 for j in range(len(shape)))
+  grid = mesh_utils.create_hybrid_device_mesh(per_host, across, devices, process_is_granule=True)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def _ways(mesh: Mesh, axes) -> int:

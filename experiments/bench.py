@@ -1,0 +1,168 @@
+"""Train-step benchmarks: one JSON line per config with step time, tokens/s, MFU, compile time
+and memory.
+
+  python -m experiments.bench                       # every benchmark, default allocator
+  python -m experiments.bench --names=bench-s,bench-m --malloc=both --torch
+
+Each (benchmark, allocator setting) runs in a fresh subprocess, back to back, so the lines of
+one invocation are comparable. A step is timed from dispatch to `block_until_ready` after
+`--warmup` untimed steps; the median of `--steps` is reported. MFU is model FLOPs per token
+(model/flops.py) x tokens/s over the peak of train/hardware.py: the measured f32 matmul peak
+on CPU, the datasheet peak on GPU/TPU. `--torch` adds experiments/torch_baseline.py (eager and
+torch.compile) for the dense shapes under the same settings (pip install -e .[bench]).
+
+glibc's malloc returns large freed buffers to the OS and faults them in again every step; the
+`notrim` setting (MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_, which a running process cannot
+change, hence the subprocesses) keeps them. Every line names the setting it ran under.
+"""
+
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+# name -> (config module, preset). Benchmarks whose config module is absent are reported as
+# skipped, so the harness runs while model families are still being added.
+BENCHMARKS = {
+    'bench-s': ('configs.bench', 'bench-s'),
+    'bench-m': ('configs.bench', 'bench-m'),
+    'moe-tiny': ('configs.moe', 'tiny'),
+    't5-tiny': ('configs.t5', 'tiny'),
+}
+TORCH_SHAPES = ('bench-s', 'bench-m')
+MALLOC = {
+    'default': {},
+    'notrim': {'MALLOC_TRIM_THRESHOLD_': '68719476736', 'MALLOC_TOP_PAD_': '1073741824'},
+}
+
+_NAMES = flags.DEFINE_list('names', list(BENCHMARKS), f'Benchmarks to run: {list(BENCHMARKS)}.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per benchmark (the median is reported).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+_MALLOC = flags.DEFINE_enum('malloc', 'notrim', ['default', 'notrim', 'both'],
+                            'glibc malloc setting of the benchmark processes.')
+_TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch baseline of the dense shapes.')
+_CHILD = flags.DEFINE_string('child', None, 'Internal: run this one benchmark in this process.')
+
+
+def load_config(name: str):
+  """The config of benchmark `name` (ImportError when its config module does not exist yet)."""
+  if name not in BENCHMARKS:
+    raise ValueError(f'--names: unknown benchmark {name!r}; choose from {list(BENCHMARKS)}.')
+  module, preset = BENCHMARKS[name]
+  return importlib.import_module(module).get_config(preset)
+
+
+def random_batch(config, sharding, seed: int = 0) -> dict:
+  """One global batch of `config.data.task` with random tokens and one segment per row."""
+  import jax
+  import numpy as np
+  from data.pipeline import batch_spec
+  rng = np.random.RandomState(seed)
+  out = {}
+  for k, (n, dt) in batch_spec(config).items():
+    shape = (config.train.batch_size, n)
+    if k.endswith('segment_ids') or k.endswith('loss_mask'):
+      v = np.ones(shape, dt)
+    elif k.endswith('positions'):
+      v = np.broadcast_to(np.arange(n, dtype=dt), shape)
+    else:
+      v = rng.randint(1, config.model.vocab_size, shape).astype(dt)
+    out[k] = jax.device_put(v, sharding)
+  return out
+
+
+def time_train_step(config, steps: int, warmup: int) -> dict:
+  """Compiles and times `config`'s train step on the current devices; returns the JSON fields."""
+  import jax
+  from model.flops import flops_per_token
+  from train.hardware import peak_flops
+  from train.trainer import Experiment
+
+  exp = Experiment.from_config(config)
+  state, shardings = exp.partitioner.init(exp.init_state, jax.random.key(config.seed))
+  batch = random_batch(config, exp.partitioner.batch_sharding)
+  start = time.perf_counter()
+  compiled = exp.jit_train_step(shardings).lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  tokens = config.train.batch_size * config.data.seq_len
+  try:
+    fpt = flops_per_token(exp.model_cfg, config.data.seq_len)
+  except ValueError:   # families without a FLOPs formula still get times and memory
+    fpt = None
+  mem = compiled.memory_analysis()
+  peak = peak_flops(exp.partitioner.mesh.devices.flat)
+  return {
+      'step_time_s': step_s,
+      'step_time_min_s': min(times),
+      'tokens_per_s': tokens / step_s,
+      'model_flops_per_token': fpt,
+      'achieved_flops_per_s': fpt * tokens / step_s if fpt else None,
+      'mfu': fpt * tokens / step_s / peak if fpt else None,
+      'peak_flops_per_s': peak,
+      'compile_s': compile_s,
+      'compiled_peak_bytes': (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                              - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
+      'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      'final_loss': float(metrics['loss'][0] / metrics['loss'][1]),
+      'devices': exp.partitioner.mesh.size,
+      'platform': jax.devices()[0].platform,
+  }
+
+
+def _run_child(args: list[str], env_extra: dict, tag: dict) -> dict:
+  """Runs one measurement in a fresh process; returns its JSON line (or the error) plus `tag`."""
+  env = dict(os.environ, **env_extra)
+  proc = subprocess.run([sys.executable, '-m', *args], env=env, capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+  if proc.returncode or not lines:
+    return dict(tag, error=(proc.stderr or proc.stdout).strip().splitlines()[-1:])
+  return dict(tag, **json.loads(lines[-1]))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CHILD.value:
+    result = {'name': _CHILD.value, 'framework': 'jax'}
+    try:
+      config = load_config(_CHILD.value)
+    except ImportError as e:
+      result['skipped'] = f'config module missing: {e}'
+    else:
+      result.update(time_train_step(config, _STEPS.value, _WARMUP.value))
+    print(json.dumps(result), flush=True)
+    return
+  settings = ['default', 'notrim'] if _MALLOC.value == 'both' else [_MALLOC.value]
+  common = [f'--steps={_STEPS.value}', f'--warmup={_WARMUP.value}']
+  unknown = [n for n in _NAMES.value if n not in BENCHMARKS]
+  if unknown:   # before the first slow run
+    raise app.UsageError(f'--names: unknown benchmarks {unknown}; choose from {list(BENCHMARKS)}.')
+  for name in _NAMES.value:
+    for setting in settings:
+      tag = {'malloc': setting}
+      print(json.dumps(_run_child(['experiments.bench', f'--child={name}', *common],
+                                  MALLOC[setting], tag)), flush=True)
+      if _TORCH.value and name in TORCH_SHAPES:
+        for mode in ('eager', 'compile'):
+          print(json.dumps(_run_child(['experiments.torch_baseline', f'--shape={name}',
+                                       f'--mode={mode}', *common], MALLOC[setting], tag)),
+                flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
