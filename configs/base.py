@@ -70,7 +70,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.chat_template = True         # sft/preference prompt/response pairs become user/assistant turns
   c.seq_len = 128                # tokens per packed row (encoder length for span_corruption)
   c.target_len = 0               # span_corruption decoder length; 0 = computed so nothing is cut
-  c.packing = 'greedy'           # greedy (order preserving) | first_fit (tighter, per window)
+  c.packing = 'first_fit'        # first_fit (tighter, reorders within a window) | greedy (in order)
   c.pack_window = 256            # examples packed together by first_fit
   c.too_long = 'split'           # example longer than a row: split (not preference)|truncate|drop
   c.mlm_rate = 0.15              # mlm: share of text tokens selected for prediction

@@ -162,13 +162,21 @@ class Packer:
     for ex in items:
       self.check(ex)
     if self.method == 'first_fit':
-      items.sort(key=lambda ex: -max(_length(ex, p) for p in self.lengths))
-      for ex in items:
-        row = next((r for r in rows if r.fits(ex)), None)
-        if row is None:
-          row = self.new_row()
-          rows.append(row)
-        row.add(ex)
+      # Longest first; each goes to the first row whose free space (per stream) holds it.
+      cap = np.array(list(self.lengths.values()), np.int64)
+      need = np.array([[_length(ex, p) for p in self.lengths] for ex in items], np.int64)
+      free = np.zeros((len(items), len(cap)), np.int64)
+      segments = np.zeros(len(items), np.int64)
+      limit = self.max_segments or len(items) + 1
+      for i in np.argsort(-need.max(axis=1), kind='stable'):
+        ok = (free[:len(rows)] >= need[i]).all(axis=1) & (segments[:len(rows)] < limit)
+        j = int(np.argmax(ok)) if ok.any() else len(rows)
+        if j == len(rows):
+          rows.append(self.new_row())
+          free[j] = cap
+        rows[j].add(items[i])
+        free[j] -= need[i]
+        segments[j] += 1
     else:
       for ex in items:
         if not rows or not rows[-1].fits(ex):
