@@ -352,6 +352,11 @@ def open_source(spec: str, split: str, *, data_dir: str, bad_lines: str = 'error
     name, _, version = arg.partition(':')
     builder = tfds.builder(f'{name}:{version}' if version else name,
                            data_dir=os.path.expanduser(data_dir))
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f'tfds dataset {arg} is not prepared in {builder.data_dir}; prepare it there as '
+          'array_record (e.g. `tfds build NAME --file_format=array_record --data_dir=DIR`) '
+          'and set data.data_dir to DIR')
     if held_out and split not in builder.info.splits:
       split = eval_split or next((s for s in ('validation', 'test') if s in builder.info.splits),
                                  '')

@@ -163,3 +163,5 @@ def test_empty_sources_are_explained(tmp_path):
     _open(f'text:{tmp_path}/missing.txt', tmp_path)
   with pytest.raises(ValueError, match='unknown kind'):
     _open('csv:/x', tmp_path)
+  with pytest.raises(FileNotFoundError, match='not prepared'):
+    _open('tfds:mnist', tmp_path)
