@@ -46,6 +46,7 @@ class ModelConfig:
   capacity_factor: float = 1.25   # MoE capacity dispatch: slots per expert / (k * tokens / experts)
   load_balance_loss: float = 0.01  # MoE: coefficient of the Switch load-balancing loss
   router_z_loss: float = 0.001    # MoE: coefficient of the router z-loss
+  router_bias_update_rate: float = 0.0  # MoE: aux-loss-free balancing (DeepSeek-V3) bias step; 0 = off
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> 'ModelConfig':

@@ -72,6 +72,17 @@ def expert_load(ids: jax.Array, num_experts: int) -> jax.Array:
   return counts / ids.size
 
 
+def bias_update_surrogate(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+  """Zero-valued term whose gradient w.r.t. `bias` is rate * sign(load - mean load).
+
+  The optimizer applies it as p <- p - g (train/optimizer.SURROGATE_UPDATE_NAMES), which is
+  DeepSeek-V3's aux-loss-free update b_i += rate * sign(mean load - load_i).
+  """
+  step = jax.lax.stop_gradient(rate * jnp.sign(load - jnp.mean(load)))
+  term = jnp.sum(step * bias)
+  return term - jax.lax.stop_gradient(term)
+
+
 def router_z_loss(logits: jax.Array) -> jax.Array:
   """Mean squared log-partition of the router logits (ST-MoE)."""
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
@@ -170,7 +181,11 @@ class MoE(nn.Module):
     router = self.param('router', _router_init(), (cfg.d_model, cfg.num_experts),
                         cfg.weight_dtype)
     logits = jnp.einsum('bld,de->ble', x.astype(jnp.float32), router.astype(jnp.float32))
-    ids, weights, scores = route(cfg, logits)
+    bias = None
+    if cfg.router_bias_update_rate:
+      bias = self.param('router_bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, ('expert',)), (cfg.num_experts,), jnp.float32)
+    ids, weights, scores = route(cfg, logits, bias)
     dispatch = self._dropless if cfg.moe_dispatch == 'dropless' else self._capacity
     out, dropped = dispatch(x, ids, weights)
     out = nn.with_logical_constraint(out.astype(cfg.compute_dtype), ('batch', 'length', 'embed'))
@@ -179,9 +194,12 @@ class MoE(nn.Module):
       out = out + MLP(dataclasses.replace(cfg, mlp_dim=shared_dim), name='shared')(x)
     balance = load_balance_loss(scores, ids, cfg.num_experts)
     z = router_z_loss(logits)
-    for name, value in (('aux_loss', cfg.load_balance_loss * balance + cfg.router_z_loss * z),
-                        ('load_balance', balance), ('router_z', z),
-                        ('load', expert_load(ids, cfg.num_experts)),
+    load = expert_load(ids, cfg.num_experts)
+    aux = cfg.load_balance_loss * balance + cfg.router_z_loss * z
+    if bias is not None:
+      aux = aux + bias_update_surrogate(bias, load, cfg.router_bias_update_rate)
+    for name, value in (('aux_loss', aux), ('load_balance', balance), ('router_z', z),
+                        ('load', load),
                         ('dropped', dropped), ('routed', jnp.asarray(ids.size, jnp.float32))):
       self.sow(MOE_COLLECTION, name, value)
     return out

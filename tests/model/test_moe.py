@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax.core import meta
 
@@ -14,6 +15,7 @@ from model.flops import active_layer_params
 from model.moe import MOE_COLLECTION, MoE, capacity, load_balance_loss, moe_metrics
 from tests.helpers import packed_batch, partitioner, tiny_config
 from train.objectives import build_objective
+from train.optimizer import with_surrogate_updates
 
 CFG = ModelConfig(d_model=16, mlp_dim=24, num_experts=4, num_experts_per_tok=2,
                   num_shared_experts=1, expert_mlp_dim=8)
@@ -188,3 +190,25 @@ def test_expert_parallel_mesh_equals_one_device(dispatch, axes):
   wi = placed['layers']['moe']['mlp']['wi_0']     # [layers, expert, embed, mlp]
   assert wi.addressable_shards[0].data.shape == (
       1, 4 // axes['expert'], 64 // axes.get('fsdp', 1), 32 // axes.get('tensor', 1))
+
+
+def test_aux_free_bias_moves_by_rate_times_sign_of_load_gap_and_leaves_the_loss_alone():
+  cfg = dataclasses.replace(CFG, router_bias_update_rate=0.01)
+  x, params = _setup(cfg)
+  assert set(params) - set(_setup(CFG)[1]) == {'router_bias'}
+
+  def aux(p):
+    return _apply(cfg, p, x)[1]['moe_aux_loss'][0]
+
+  no_bias = {k: v for k, v in params.items() if k != 'router_bias'}
+  np.testing.assert_allclose(aux(params), _apply(CFG, no_bias, x)[1]['moe_aux_loss'][0],
+                             rtol=1e-6)
+  load = np.array([float(_apply(cfg, params, x)[1][f'moe_load_e{i:02d}'][0]) for i in range(4)])
+  grads = jax.grad(aux)(params)
+  tx = with_surrogate_updates(optax.adamw(1e-3))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['router_bias'], 0.01 * np.sign(0.25 - load), rtol=1e-6)
+  assert not np.allclose(updates['router'], -grads['router'])   # AdamW for the rest
+  # The bias steers selection: a large one sends every token to expert 0 (one of its 2 picks).
+  favour0 = dict(params, router_bias=jnp.array([10.0, 0.0, 0.0, 0.0]))
+  assert float(_apply(cfg, favour0, x)[1]['moe_load_e00'][0]) == 0.5
