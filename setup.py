@@ -26,5 +26,8 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8'],
+        # experiments/torch_baseline.py; on CPU-only hosts pin a CPU wheel (torch==2.13.0+cpu),
+        # a plain torch requirement pulls gigabytes of CUDA packages.
+        'bench': ['torch>=2.13'],
     },
 )
