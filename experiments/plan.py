@@ -39,14 +39,16 @@ def _bytes_per_device(tree) -> int:
 
 
 def _param_counts(boxed_params, cfg) -> tuple[int, int]:
-  """(total, active per token): an expert-sharded tensor counts k of its E experts as active."""
+  """(total, active per token): a stack of expert matrices (an 'expert' axis followed by two
+  more) counts k of its E experts as active; routers and biases count in full."""
   specs = jax.tree.leaves(nn.get_partition_spec(boxed_params),
                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   total = active = 0
   for leaf, names in zip(jax.tree.leaves(nn.meta.unbox(boxed_params)), specs):
     size = math.prod(leaf.shape)
     total += size
-    routed = 'expert' in tuple(names) and cfg.num_experts
+    names = tuple(names)
+    routed = cfg.num_experts and 'expert' in names and names.index('expert') < len(names) - 2
     active += size * cfg.num_experts_per_tok // cfg.num_experts if routed else size
   return total, active
 
