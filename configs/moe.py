@@ -42,7 +42,8 @@ def _deepseek_v3():
                  num_kv_heads=128, head_dim=128, mlp_dim=18_432, rope_theta=10_000.0,
                  norm_eps=1e-6, num_experts=256, num_experts_per_tok=8, num_shared_experts=1,
                  expert_mlp_dim=2048, first_dense_layers=3, router_score='sigmoid',
-                 routed_scaling=2.5, load_balance_loss=1e-4, router_z_loss=0.0)
+                 routed_scaling=2.5, load_balance_loss=1e-4, router_z_loss=0.0,
+                 router_bias_update_rate=1e-3)
   c.data.seq_len = 4096
   c.train.update(batch_size=1920, learning_rate=2.2e-4)
   c.mesh.update(fsdp=-1, expert=64)

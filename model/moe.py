@@ -35,6 +35,11 @@ def _expert_init(axes):
   return nn.with_logical_partitioning(init, axes)
 
 
+def _router_init():
+  return nn.with_logical_partitioning(
+      nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'), ('embed', None))
+
+
 def capacity(cfg: ModelConfig, group_size: int) -> int:
   """Token-expert pairs one expert accepts from a group of `group_size` tokens."""
   return max(1, math.ceil(cfg.capacity_factor * group_size * cfg.num_experts_per_tok
@@ -199,15 +204,10 @@ class MoE(nn.Module):
     if bias is not None:
       aux = aux + bias_update_surrogate(bias, load, cfg.router_bias_update_rate)
     for name, value in (('aux_loss', aux), ('load_balance', balance), ('router_z', z),
-                        ('load', load),
-                        ('dropped', dropped), ('routed', jnp.asarray(ids.size, jnp.float32))):
+                        ('load', load), ('dropped', dropped),
+                        ('routed', jnp.asarray(ids.size, jnp.float32))):
       self.sow(MOE_COLLECTION, name, value)
     return out
-
-
-def _router_init():
-  return nn.with_logical_partitioning(
-      nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'), ('embed', None))
 
 
 def moe_metrics(stats) -> dict:
