@@ -9,7 +9,25 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 from model.layers import Projection, apply_rope
 
-IMPLEMENTATIONS = ('xla', 'cudnn')
+# attention_impl -> (backends it runs on, compute dtypes it takes); None = any.
+IMPLEMENTATIONS = {
+    'xla': (None, None),
+    'cudnn': (('gpu', 'cuda'), ('bfloat16', 'float16')),   # cuDNN fused flash attention
+}
+
+
+def check_implementation(cfg: ModelConfig, backend: str) -> None:
+  """Raises, naming the config key, when `cfg.attention_impl` cannot run on `backend`."""
+  if cfg.attention_impl not in IMPLEMENTATIONS:
+    raise ValueError(f'model.attention_impl={cfg.attention_impl!r}; choose one of '
+                     f'{sorted(IMPLEMENTATIONS)}.')
+  backends, dtypes = IMPLEMENTATIONS[cfg.attention_impl]
+  if backends is not None and backend not in backends:
+    raise ValueError(f'model.attention_impl={cfg.attention_impl!r} runs on {backends} devices, '
+                     f"not on this {backend!r} backend; use 'xla' here.")
+  if dtypes is not None and cfg.dtype not in dtypes:
+    raise ValueError(f'model.attention_impl={cfg.attention_impl!r} needs model.dtype in '
+                     f'{dtypes}, got {cfg.dtype!r}.')
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
@@ -35,9 +53,7 @@ class Attention(nn.Module):
                positions_q: Optional[jax.Array] = None,
                positions_kv: Optional[jax.Array] = None) -> jax.Array:
     cfg = self.cfg
-    if cfg.attention_impl not in IMPLEMENTATIONS:
-      raise ValueError(f'model.attention_impl={cfg.attention_impl!r}; choose one of '
-                       f'{IMPLEMENTATIONS}.')
+    check_implementation(cfg, jax.default_backend())
     if cfg.num_heads % cfg.num_kv_heads:
       raise ValueError(f'model.num_heads={cfg.num_heads} must be a multiple of '
                        f'model.num_kv_heads={cfg.num_kv_heads}.')
