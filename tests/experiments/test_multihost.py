@@ -126,5 +126,20 @@ def test_launcher_two_processes_only_process_zero_writes(tmp_path):
   assert (tmp_path / 'checkpoints' / '2').is_dir()
 
 
+def test_cluster_detection_and_flag_errors():
+  from train.distributed import detected_cluster, maybe_initialize
+  assert detected_cluster({}) is None
+  assert detected_cluster({'TPU_WORKER_HOSTNAMES': 'w0'}) is None   # a single-host TPU VM
+  assert detected_cluster({'TPU_WORKER_HOSTNAMES': 'w0,w1'}) == 'tpu'
+  assert detected_cluster({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}) is None
+  assert detected_cluster({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}) == 'slurm'
+  assert detected_cluster({'OMPI_COMM_WORLD_SIZE': '2'}) == 'mpi'
+  assert maybe_initialize(env={}) is False
+  with pytest.raises(ValueError, match='go together'):
+    maybe_initialize('127.0.0.1:1', None, 0)
+  with pytest.raises(ValueError, match='process_id'):
+    maybe_initialize('127.0.0.1:1', 2, 2)
+
+
 if __name__ == '__main__':
   _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
