@@ -14,7 +14,7 @@ class ModelConfig:
   from the defaults here), so each knob is declared and documented once.
   """
 
-  family: str = 'decoder'         # model family: 'decoder' (see model.FAMILIES)
+  family: str = 'decoder'         # model family: 'decoder' | 't5' | 'encoder' (model.FAMILIES)
   vocab_size: int = 512           # embedding rows / logits; must hold the tokenizer's vocabulary
   d_model: int = 128              # residual stream width
   num_layers: int = 2             # decoder layers
@@ -25,6 +25,11 @@ class ModelConfig:
   activation: str = 'swiglu'      # feed-forward: 'swiglu' | 'geglu' (gated) | 'relu' | 'gelu'
   norm_eps: float = 1e-6          # RMSNorm epsilon
   rope_theta: float = 10_000.0    # rotary embedding base
+  rope_scaling: str = ''          # rotary frequency scaling: '' (none) | 'llama3' (Llama 3.1)
+  rope_scaling_factor: float = 1.0  # llama3 scaling: long-wavelength frequencies divided by this
+  rope_low_freq_factor: float = 1.0  # llama3 scaling: wavelengths > original_len/this are scaled
+  rope_high_freq_factor: float = 4.0  # llama3 scaling: wavelengths < original_len/this are kept
+  rope_original_max_len: int = 8192  # llama3 scaling: context length of pretraining
   tie_embeddings: bool = False    # logits from the input embedding (scaled by 1/sqrt(d_model))
   qkv_bias: bool = False          # biases on query/key/value projections (Qwen2-style)
   dtype: str = 'float32'          # compute dtype of activations and matmuls
@@ -46,7 +51,13 @@ class ModelConfig:
   capacity_factor: float = 1.25   # MoE capacity dispatch: slots per expert / (k * tokens / experts)
   load_balance_loss: float = 0.01  # MoE: coefficient of the Switch load-balancing loss
   router_z_loss: float = 0.001    # MoE: coefficient of the router z-loss
-  router_bias_update_rate: float = 0.0  # MoE: aux-loss-free balancing (DeepSeek-V3) bias step; 0 = off
+  router_bias_update_rate: float = 0.0  # MoE: DeepSeek-V3 aux-loss-free bias step; 0 = off
+  num_encoder_layers: int = 0     # t5/encoder: encoder layers; 0 = num_layers
+  num_decoder_layers: int = 0     # t5: decoder layers; 0 = num_layers
+  position_embedding: str = 'rope'  # t5/encoder positions: 'rope' | 'relative' (T5 bucketed bias)
+  relative_buckets: int = 32      # relative position bias: buckets per direction pair (T5: 32)
+  relative_max_distance: int = 128  # relative position bias: distances beyond share the last bucket
+  scale_attention: bool = True    # logits / sqrt(head_dim); T5 leaves logits unscaled (False)
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> 'ModelConfig':

@@ -14,7 +14,8 @@ import orbax.checkpoint as ocp
 from tests.conftest import REPO
 
 STEPS = 20
-ARGS = ['--config=configs/moe.py:tiny', '--config.train.log_every_steps=5', '--config.train.warmup_steps=5',
+ARGS = ['--config=configs/moe.py:tiny', '--config.train.log_every_steps=5',
+        '--config.train.warmup_steps=5',
         f'--config.checkpoint.every_steps={STEPS // 2}', f'--config.train.decay_steps={STEPS}',
         '--config.train.batch_size=8', '--config.data.seq_len=32', '--config.mesh.data=2',
         '--config.mesh.expert=4']
