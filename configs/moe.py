@@ -3,8 +3,8 @@
 Presets: tiny (CPU; the same shape and training as configs/lm.py:tiny, with the MLP of every
 layer replaced by 8 experts of width 128, top-2 + 1 shared expert, capacity dispatch: the active
 feed-forward width equals lm.py:tiny's mlp_dim=384), and real-scale shapes declared for
-planning on big meshes: mixtral_8x7b and deepseek_v3 (DeepSeek-V3's multi-head latent attention is approximated
-by plain multi-head attention of the same head count).
+planning on big meshes: mixtral_8x7b and deepseek_v3 (DeepSeek-V3's multi-head latent
+attention is approximated by plain multi-head attention of the same head count).
 Launch: python -m experiments.run --config=configs/moe.py:tiny --workdir=DIR
 """
 
