@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-from model.layers import Projection, apply_rope
+from model.layers import Projection, apply_rope, rope_scaling
 
 # attention_impl -> (backends it runs on, compute dtypes it takes); None = any.
 IMPLEMENTATIONS = {
@@ -64,8 +64,8 @@ class Attention(nn.Module):
     k = proj(cfg.num_kv_heads, 'kv_heads', 'key', x_kv)
     v = proj(cfg.num_kv_heads, 'kv_heads', 'value', x_kv)
     if self.use_rope:
-      q = apply_rope(q, positions_q, cfg.rope_theta)
-      k = apply_rope(k, positions_kv, cfg.rope_theta)
+      q = apply_rope(q, positions_q, cfg.rope_theta, rope_scaling(cfg))
+      k = apply_rope(k, positions_kv, cfg.rope_theta, rope_scaling(cfg))
     q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
     k = nn.with_logical_constraint(k, ('batch', 'length', 'kv_heads', 'head_dim'))
     v = nn.with_logical_constraint(v, ('batch', 'length', 'kv_heads', 'head_dim'))

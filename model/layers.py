@@ -102,10 +102,33 @@ class MLP(nn.Module):
     return Projection(cfg, (cfg.d_model,), ('mlp',), ('embed',), name='wo')(h)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, half-split convention (as in Hugging Face Llama): x [B, L, H, D]."""
+def rope_scaling(cfg: ModelConfig) -> tuple:
+  """The `scaling` argument of apply_rope for `cfg`: () or (factor, low, high, original_len)."""
+  if cfg.rope_scaling not in ('', 'llama3'):
+    raise ValueError(f"model.rope_scaling={cfg.rope_scaling!r}; choose '' or 'llama3'.")
+  if not cfg.rope_scaling:
+    return ()
+  return (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+          cfg.rope_original_max_len)
+
+
+def _llama3_scaled(freq: jax.Array, factor, low, high, original_len) -> jax.Array:
+  """Llama 3.1: long wavelengths slowed by `factor`, short kept, a smooth blend between."""
+  wavelen = 2 * jnp.pi / freq
+  smooth = (original_len / wavelen - low) / (high - low)
+  blended = (1 - smooth) * freq / factor + smooth * freq
+  return jnp.where(wavelen > original_len / low, freq / factor,
+                   jnp.where(wavelen < original_len / high, freq, blended))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, scaling: tuple = ()) -> jax.Array:
+  """Rotary embedding, half-split convention (as in Hugging Face Llama): x [B, L, H, D].
+
+  `scaling` (from rope_scaling(cfg)) rescales the frequencies as Llama 3.1 does."""
   half = x.shape[-1] // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if scaling:
+    freq = _llama3_scaled(freq, *scaling)
   angle = positions.astype(jnp.float32)[..., None] * freq            # [B, L, half]
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

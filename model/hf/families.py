@@ -1,0 +1,101 @@
+"""Hugging Face config.json <-> ModelConfig for each supported architecture family."""
+
+import dataclasses
+
+from model.config import ModelConfig
+
+DECODERS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
+            'qwen2': 'Qwen2ForCausalLM', 'mixtral': 'MixtralForCausalLM'}
+SUPPORTED = tuple(DECODERS)
+
+
+def _rope(hf: dict) -> tuple[float, dict]:
+  """(theta, scaling fields) from either transformers 5's rope_parameters or the older keys."""
+  params = dict(hf.get('rope_parameters') or {})
+  legacy = dict(hf.get('rope_scaling') or {})
+  params = {**legacy, **params}
+  theta = params.get('rope_theta', hf.get('rope_theta', 10_000.0))
+  kind = params.get('rope_type', params.get('type', 'default'))
+  if kind == 'default':
+    return theta, {}
+  if kind != 'llama3':
+    raise ValueError(f'config.json: RoPE scaling {kind!r} is not supported; seedling supports '
+                     "the default rotary embedding and Llama 3.1's 'llama3' scaling.")
+  return theta, dict(rope_scaling='llama3', rope_scaling_factor=params['factor'],
+                     rope_low_freq_factor=params['low_freq_factor'],
+                     rope_high_freq_factor=params['high_freq_factor'],
+                     rope_original_max_len=params['original_max_position_embeddings'])
+
+
+def _unsupported(hf: dict, path: str) -> None:
+  """Refuses options that would silently change the function computed."""
+  act = hf.get('hidden_act', 'silu')
+  if act != 'silu':
+    raise ValueError(f'{path}: hidden_act={act!r}; seedling maps only silu (SwiGLU).')
+  for key in ('attention_bias', 'mlp_bias'):
+    if hf.get(key) and hf['model_type'] != 'qwen2':
+      raise ValueError(f'{path}: {key}=true is not supported (seedling has no bias there).')
+  if hf['model_type'] == 'qwen2' and hf.get('use_sliding_window'):
+    raise ValueError(f'{path}: use_sliding_window=true is not supported (full attention only).')
+
+
+def model_config(hf: dict, path: str = 'config.json', **overrides) -> ModelConfig:
+  """ModelConfig equal in function to the Hugging Face `hf` config dict.
+
+  Tied input/output embeddings become an untied lm_head holding a copy (seedling's tied
+  output is scaled differently). `overrides` set any other ModelConfig field (e.g. dtype).
+  """
+  kind = hf.get('model_type')
+  if kind not in DECODERS:
+    raise ValueError(f'{path}: model_type={kind!r} is not supported; supported families: '
+                     f'{sorted(DECODERS)}.')
+  _unsupported(hf, path)
+  heads = hf['num_attention_heads']
+  theta, scaling = _rope(hf)
+  fields = dict(
+      family='decoder', vocab_size=hf['vocab_size'], d_model=hf['hidden_size'],
+      num_layers=hf['num_hidden_layers'], num_heads=heads,
+      num_kv_heads=hf.get('num_key_value_heads') or heads,
+      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
+      mlp_dim=hf['intermediate_size'], activation='swiglu', norm_eps=hf['rms_norm_eps'],
+      rope_theta=float(theta), tie_embeddings=False, qkv_bias=kind == 'qwen2', **scaling)
+  if kind == 'mixtral':
+    fields.update(num_experts=hf['num_local_experts'], num_experts_per_tok=hf['num_experts_per_tok'],
+                  router_score='softmax', renormalize=True, moe_dispatch='dropless',
+                  load_balance_loss=hf.get('router_aux_loss_coef', 0.0), router_z_loss=0.0)
+  return dataclasses.replace(ModelConfig(**fields), **overrides)
+
+
+def hf_config(cfg: ModelConfig, dtype: str = 'float32') -> dict:
+  """The Hugging Face config.json dict for a seedling decoder (Llama, Qwen2 or Mixtral)."""
+  if cfg.family != 'decoder':
+    raise ValueError(f'Export supports the decoder family, not model.family={cfg.family!r}.')
+  if cfg.activation != 'swiglu' or cfg.tie_embeddings:
+    raise ValueError('Export needs model.activation=swiglu and model.tie_embeddings=False '
+                     '(the Llama layout).')
+  if cfg.num_experts and (cfg.num_shared_experts or cfg.first_dense_layers or cfg.moe_every != 1
+                          or cfg.router_score != 'softmax' or not cfg.renormalize
+                          or cfg.routed_scaling != 1.0 or cfg.expert_mlp_dim not in (0, cfg.mlp_dim)
+                          or cfg.router_bias_update_rate):
+    raise ValueError('Export of MoE needs the Mixtral layout: every layer MoE, softmax top-k '
+                     'renormalized, no shared experts, no router bias, expert_mlp_dim=mlp_dim.')
+  kind = 'mixtral' if cfg.num_experts else 'qwen2' if cfg.qkv_bias else 'llama'
+  rope = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
+  if cfg.rope_scaling == 'llama3':
+    rope.update(rope_type='llama3', factor=cfg.rope_scaling_factor,
+                low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_len)
+  out = dict(
+      architectures=[DECODERS[kind]], model_type=kind, vocab_size=cfg.vocab_size,
+      hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, hidden_act='silu', rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta, rope_parameters=rope, tie_word_embeddings=False,
+      torch_dtype=dtype, dtype=dtype, max_position_embeddings=max(4096, cfg.rope_original_max_len))
+  if cfg.rope_scaling == 'llama3':
+    out['rope_scaling'] = dict(rope)
+  if kind == 'mixtral':
+    out.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+               router_aux_loss_coef=cfg.load_balance_loss)
+  return out

@@ -1,0 +1,131 @@
+"""Which Hugging Face tensors make each seedling parameter, and how (transpose, head split).
+
+A `Rule` says, for one parameter of one layer (or a global one), which HF tensor names it
+reads and two inverse functions: `load(list of HF arrays) -> seedling array` and
+`save(seedling array) -> list of HF arrays`. Both use only methods that numpy arrays and
+tracers share, so jax.eval_shape gives the expected HF shapes without touching data.
+"""
+
+import dataclasses
+import re
+from typing import Callable, Optional
+
+import numpy as np
+
+from model.config import ModelConfig
+
+LAYER_KEY = re.compile(r'^(layers)(?:_(\d+))?$')   # scanned 'layers' or unrolled 'layers_3'
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  names: Callable[[int], list[str]]    # layer index -> HF tensor names (layer ignored if global)
+  load: Callable[[list], np.ndarray]
+  save: Callable[[np.ndarray], list]
+
+
+def _linear(name):
+  """HF Linear weight [out, in] <-> seedling kernel [in, out]."""
+  return Rule(lambda i: [name(i)], lambda ws: ws[0].T, lambda k: [k.T])
+
+
+def _identity(name):
+  return Rule(lambda i: [name(i)], lambda ws: ws[0], lambda p: [p])
+
+
+def _heads_in(name, heads, head_dim):
+  """HF [heads*head_dim, d] <-> kernel [d, heads, head_dim] (HF's rotary halves need no permute)."""
+  return Rule(lambda i: [name(i)], lambda ws: ws[0].T.reshape(-1, heads, head_dim),
+              lambda k: [k.reshape(k.shape[0], heads * head_dim).T])
+
+
+def _heads_bias(name, heads, head_dim):
+  return Rule(lambda i: [name(i)], lambda ws: ws[0].reshape(heads, head_dim),
+              lambda b: [b.reshape(heads * head_dim)])
+
+
+def _heads_out(name, heads, head_dim):
+  """HF o_proj [d, heads*head_dim] <-> kernel [heads, head_dim, d]."""
+  return Rule(lambda i: [name(i)], lambda ws: ws[0].T.reshape(heads, head_dim, -1),
+              lambda k: [k.reshape(heads * head_dim, k.shape[-1]).T])
+
+
+def _experts(name, num_experts):
+  """Per-expert HF Linear weights [out, in] <-> stacked kernel [experts, in, out]."""
+  return Rule(lambda i: [name(i, e) for e in range(num_experts)],
+              lambda ws: np.stack([w.T for w in ws]),
+              lambda k: [k[e].T for e in range(num_experts)])
+
+
+def _fused_experts(name, half: Optional[int], dim: int):
+  """transformers 5's fused expert tensors (read only): gate_up_proj [E, 2F, d] or
+  down_proj [E, d, F] -> [E, in, out]."""
+  def load(ws):
+    w = ws[0] if half is None else ws[0][:, half * dim:(half + 1) * dim]
+    return w.transpose(0, 2, 1)
+  return Rule(lambda i: [name(i)], load, None)
+
+
+def layer_rules(cfg: ModelConfig, fused_experts: bool = False) -> dict[tuple, Rule]:
+  """Rules for the parameters of one decoder layer, keyed by their path inside the layer."""
+  h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  p = lambda suffix: (lambda i: f'model.layers.{i}.{suffix}')
+  rules = {
+      ('attn', 'query', 'kernel'): _heads_in(p('self_attn.q_proj.weight'), h, hd),
+      ('attn', 'key', 'kernel'): _heads_in(p('self_attn.k_proj.weight'), kv, hd),
+      ('attn', 'value', 'kernel'): _heads_in(p('self_attn.v_proj.weight'), kv, hd),
+      ('attn', 'query', 'bias'): _heads_bias(p('self_attn.q_proj.bias'), h, hd),
+      ('attn', 'key', 'bias'): _heads_bias(p('self_attn.k_proj.bias'), kv, hd),
+      ('attn', 'value', 'bias'): _heads_bias(p('self_attn.v_proj.bias'), kv, hd),
+      ('attn', 'out', 'kernel'): _heads_out(p('self_attn.o_proj.weight'), h, hd),
+      ('attn_norm', 'scale'): _identity(p('input_layernorm.weight')),
+      ('mlp_norm', 'scale'): _identity(p('post_attention_layernorm.weight')),
+      ('mlp', 'wi_0', 'kernel'): _linear(p('mlp.gate_proj.weight')),
+      ('mlp', 'wi_1', 'kernel'): _linear(p('mlp.up_proj.weight')),
+      ('mlp', 'wo', 'kernel'): _linear(p('mlp.down_proj.weight')),
+  }
+  if fused_experts:
+    rules.update({
+        ('mlp', 'router'): _linear(p('mlp.gate.weight')),
+        ('mlp', 'wi_0'): _fused_experts(p('mlp.experts.gate_up_proj'), 0, cfg.mlp_dim),
+        ('mlp', 'wi_1'): _fused_experts(p('mlp.experts.gate_up_proj'), 1, cfg.mlp_dim),
+        ('mlp', 'wo'): _fused_experts(p('mlp.experts.down_proj'), None, cfg.mlp_dim)})
+  else:
+    e = lambda w: (lambda i, x: f'model.layers.{i}.block_sparse_moe.experts.{x}.{w}.weight')
+    rules.update({
+        ('mlp', 'router'): _linear(p('block_sparse_moe.gate.weight')),
+        ('mlp', 'wi_0'): _experts(e('w1'), cfg.num_experts),
+        ('mlp', 'wi_1'): _experts(e('w3'), cfg.num_experts),
+        ('mlp', 'wo'): _experts(e('w2'), cfg.num_experts)})
+  return rules
+
+
+def global_rules(tied: bool) -> dict[tuple, Rule]:
+  """Embedding, final norm and output head (from the embedding when HF ties them)."""
+  head = 'model.embed_tokens.weight' if tied else 'lm_head.weight'
+  return {('embed', 'embedding'): _identity(lambda i: 'model.embed_tokens.weight'),
+          ('final_norm', 'scale'): _identity(lambda i: 'model.norm.weight'),
+          ('lm_head', 'kernel'): _linear(lambda i: head)}
+
+
+def resolve(path: tuple, cfg: ModelConfig, tied: bool = False, fused_experts: bool = False
+            ) -> tuple[Optional[str], Optional[int], Rule]:
+  """(kind, layer, rule) for a seedling parameter path: kind 'scanned' (leading layer axis),
+  'layer' (unrolled layer `layer`) or None (global)."""
+  match = LAYER_KEY.match(path[0])
+  if not match:
+    rules, kind, layer, inner = global_rules(tied), None, None, path
+  else:
+    kind = 'scanned' if match.group(2) is None else 'layer'
+    layer = None if match.group(2) is None else int(match.group(2))
+    inner = path[1:]
+    if cfg.num_experts:
+      if cfg.moe_every != 1 or cfg.first_dense_layers or inner[0] != 'moe':
+        raise ValueError('Hugging Face conversion supports MoE models with every layer MoE '
+                         '(Mixtral); set model.moe_every=1 and model.first_dense_layers=0.')
+      inner = inner[1:]
+    rules = layer_rules(cfg, fused_experts)
+  if inner not in rules:
+    raise ValueError(f'Parameter {"/".join(path)} has no Hugging Face counterpart; the '
+                     'converter covers the Llama/Qwen2/Mistral/Mixtral decoder layout.')
+  return kind, layer, rules[inner]
