@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   """All shared sections; a family file sets `objective.name` and its presets."""
   c = ml_collections.ConfigDict()
   c.seed = 0                     # one seed: parameter init, data order and every step's RNG
+  c.init_from = ''               # start from these weights: hf:/path/to/hf_folder; '' = random init
   c.model = model_config()
   c.objective = ml_collections.ConfigDict({'name': 'causal_lm'})  # loss: train.objectives
   c.train = train_config()

@@ -11,6 +11,7 @@ from absl import logging
 from data.pipeline import build_pipeline
 from model import ModelConfig, build_model
 from model.flops import flops_per_token
+from model.hf import init_params
 from train.checkpoint import Checkpointer
 from train.hardware import peak_flops
 from train.metrics import MetricsWriter
@@ -87,6 +88,8 @@ def train(config, workdir: str) -> TrainState:
   if start is None:
     start = 0
     state, _ = exp.partitioner.init(exp.init_state, rng)
+    if c.init_from:
+      state = state.replace(params=init_params(c.init_from, exp.model_cfg, shardings.params))
   else:
     state, data_state = ckpt.restore(start, abstract)
     pipeline.set_state(data_state)

@@ -5,8 +5,9 @@ tensor by tensor in their shardings; `export(folder, cfg, params)` writes a fold
 transformers loads. Only local folders are read; nothing is downloaded.
 """
 
-from model.hf.convert import abstract_params, export, load_config, load_params, read_hf_config
+from model.hf.convert import (abstract_params, export, init_params, load_config, load_params,
+                              read_hf_config)
 from model.hf.families import SUPPORTED
 
-__all__ = ['SUPPORTED', 'abstract_params', 'export', 'load_config', 'load_params',
+__all__ = ['SUPPORTED', 'abstract_params', 'export', 'init_params', 'load_config', 'load_params',
            'read_hf_config']

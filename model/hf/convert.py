@@ -151,6 +151,31 @@ def _check(ckpt, plans, cfg, folder) -> None:
                      "folder's config.json (model.hf.load_config gives the matching config).")
 
 
+ARCHITECTURE = ('family', 'vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads',
+                'head_dim', 'mlp_dim', 'activation', 'norm_eps', 'rope_theta', 'rope_scaling',
+                'rope_scaling_factor', 'rope_low_freq_factor', 'rope_high_freq_factor',
+                'rope_original_max_len', 'tie_embeddings', 'qkv_bias', 'num_experts',
+                'num_experts_per_tok', 'router_score', 'renormalize')
+INIT_SCHEMES = {'hf': False, 'hf_pickle': True}   # init_from scheme -> allow_pickle
+
+
+def init_params(init_from: str, cfg: ModelConfig, shardings: Any) -> Any:
+  """Params for config key `init_from` ('hf:FOLDER', or 'hf_pickle:FOLDER' to accept .bin
+  pickles), checked against `cfg` and placed in `shardings`."""
+  scheme, _, folder = init_from.partition(':')
+  if scheme not in INIT_SCHEMES or not folder:
+    raise ValueError(f'init_from={init_from!r}; expected hf:/path/to/hf_folder '
+                     '(or hf_pickle:/path to allow pickle .bin checkpoints).')
+  folder = os.path.expanduser(folder)
+  want = load_config(folder)
+  diffs = [f'model.{k}={getattr(cfg, k)!r} but {folder} has {getattr(want, k)!r}'
+           for k in ARCHITECTURE if getattr(cfg, k) != getattr(want, k)]
+  if diffs:
+    raise ValueError('init_from: the model section does not match the checkpoint:\n  ' +
+                     '\n  '.join(diffs) + '\nSet those model keys (e.g. --config.model.KEY=VALUE).')
+  return load_params(folder, cfg, shardings, allow_pickle=INIT_SCHEMES[scheme])
+
+
 def export(folder: str, cfg: ModelConfig, params: Any, dtype: str = 'float32') -> None:
   """Writes `params` of a decoder (dense or Mixtral-style MoE) as a Hugging Face folder:
   config.json and safetensors shards (+ index) that transformers loads unchanged."""

@@ -3,7 +3,7 @@
 import pytest
 
 FAMILIES = ('llama', 'mistral', 'qwen2', 'mixtral')
-COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+COMMON = dict(vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               rms_norm_eps=1e-6)
 EXTRA = {

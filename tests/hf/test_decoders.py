@@ -116,3 +116,20 @@ def test_unsupported_rope_scaling():
     hf.families.model_config(dict(model_type='llama', rope_scaling={'rope_type': 'yarn'},
                                   vocab_size=8, hidden_size=8, num_hidden_layers=1,
                                   num_attention_heads=1, intermediate_size=8, rms_norm_eps=1e-6))
+
+
+def test_train_init_from(hf_models, tmp_path):
+  from train.trainer import train
+  from tests.helpers import tiny_config
+  folder, _ = hf_models['qwen2']
+  cfg = hf.load_config(folder)
+  config = tiny_config(**{k: getattr(cfg, k) for k in hf.convert.ARCHITECTURE})
+  config.update(init_from=f'hf:{folder}')
+  config.train.steps = 0
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  state = train(config, str(tmp_path / 'run'))
+  jax.tree.map(np.testing.assert_array_equal, state.params, hf.load_params(folder, cfg))
+
+  config.model.num_layers = 3
+  with pytest.raises(ValueError, match='model.num_layers=3 but .* has 2'):
+    train(config, str(tmp_path / 'run2'))
