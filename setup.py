@@ -29,5 +29,7 @@ setup(
         # experiments/torch_baseline.py; on CPU-only hosts pin a CPU wheel (torch==2.13.0+cpu),
         # a plain torch requirement pulls gigabytes of CUDA packages.
         'bench': ['torch>=2.13'],
+        # Hugging Face import/export tests; install torch==2.13.0 (CPU) first, as .ci/run does.
+        'hf': ['transformers>=4.45', 'torch==2.13.0'],
     },
 )
