@@ -64,7 +64,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.bad_lines = 'error'          # bad source record: error (names file:line) | skip (counted)
   c.eval_fraction = 0.0          # file sources: hold out this tail fraction as the 'eval' split
   c.eval_split = ''              # tfds sources: split used for 'eval'; '' = validation or test
-  c.tokenizer = 'byte'           # byte (no files; 365 ids) | sentencepiece:PATH.model
+  c.tokenizer = 'byte'           # byte (no files; 365 ids) | sentencepiece:PATH.model | hf:FOLDER
   c.pad_id = -1                  # SentencePiece pad id; -1 = the model's own, else one appended id
   c.num_sentinels = 100          # reserved span-corruption sentinel ids
   c.chat_template = True         # sft/preference prompt/response pairs become user/assistant turns

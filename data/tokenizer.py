@@ -210,12 +210,16 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, model_type: st
 
 
 def build_tokenizer(name: str, *, pad_id: int = -1, num_sentinels: int = 100) -> Tokenizer:
-  """Tokenizer from a config string: ``'byte'`` or ``'sentencepiece:/path/to.model'``."""
+  """Tokenizer from a config string: ``'byte'``, ``'sentencepiece:/path/to.model'`` or
+  ``'hf:/path/to/hf_folder'``."""
   kind, _, arg = name.partition(':')
   if kind == 'byte' and not arg:
     return ByteTokenizer(num_sentinels=num_sentinels)
   if kind in ('sentencepiece', 'spm') and arg:
     return SentencePieceTokenizer(os.path.expanduser(arg), pad_id=pad_id,
                                   num_sentinels=num_sentinels)
-  raise ValueError(f'data.tokenizer={name!r} is not understood; use "byte" or '
-                   '"sentencepiece:/path/to/tokenizer.model"')
+  if kind == 'hf' and arg:   # a Hugging Face model folder (tokenizer.json or tokenizer.model)
+    from data.hf_tokenizer import load_hf_tokenizer   # imports this module: load it lazily
+    return load_hf_tokenizer(arg)
+  raise ValueError(f'data.tokenizer={name!r} is not understood; use "byte", '
+                   '"sentencepiece:/path/to/tokenizer.model" or "hf:/path/to/hf_folder"')
