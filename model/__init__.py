@@ -2,8 +2,10 @@
 
 from model.config import ModelConfig
 from model.decoder import Decoder
+from model.encoder import EncoderMLM
+from model.t5 import T5
 
-FAMILIES = {'decoder': Decoder}
+FAMILIES = {'decoder': Decoder, 't5': T5, 'encoder': EncoderMLM}
 
 
 def build_model(cfg: ModelConfig):

@@ -44,14 +44,23 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
 
 
 class Attention(nn.Module):
-  """Projects queries from `x_q` and keys/values from `x_kv`, attends under `mask`."""
+  """Projects queries from `x_q` and keys/values from `x_kv`, attends under `mask`.
+
+  `bias` (broadcastable to [B, heads, T, S]) is added to the logits (T5's relative positions).
+  With `decode=True` keys/values live in the 'cache' collection: self-attention appends the new
+  tokens at the cache index (the first call, which creates the cache, only sizes it), and with
+  `cross_cache` the keys/values of `x_kv` are computed on the first call and reused after it.
+  """
   cfg: ModelConfig
   use_rope: bool = True
+  scale: Optional[float] = None   # logit multiplier; None = 1/sqrt(head_dim) (T5 uses 1.0)
+  cross_cache: bool = False       # decode: keys/values of a fixed x_kv (cross-attention)
 
   @nn.compact
-  def __call__(self, x_q: jax.Array, x_kv: jax.Array, mask: jax.Array,
+  def __call__(self, x_q: jax.Array, x_kv: Optional[jax.Array], mask: Optional[jax.Array],
                positions_q: Optional[jax.Array] = None,
-               positions_kv: Optional[jax.Array] = None) -> jax.Array:
+               positions_kv: Optional[jax.Array] = None, bias: Optional[jax.Array] = None,
+               decode: bool = False) -> jax.Array:
     cfg = self.cfg
     check_implementation(cfg, jax.default_backend())
     if cfg.num_heads % cfg.num_kv_heads:
@@ -61,14 +70,47 @@ class Attention(nn.Module):
         cfg, (heads, cfg.head_dim), ('embed',), (axis, 'head_dim'), use_bias=cfg.qkv_bias,
         name=name)(x)
     q = proj(cfg.num_heads, 'heads', 'query', x_q)
-    k = proj(cfg.num_kv_heads, 'kv_heads', 'key', x_kv)
-    v = proj(cfg.num_kv_heads, 'kv_heads', 'value', x_kv)
     if self.use_rope:
       q = apply_rope(q, positions_q, cfg.rope_theta, rope_scaling(cfg))
-      k = apply_rope(k, positions_kv, cfg.rope_theta, rope_scaling(cfg))
+    if decode and self.cross_cache and self.has_variable('cache', 'cached_key'):
+      k = self.get_variable('cache', 'cached_key')
+      v = self.get_variable('cache', 'cached_value')
+    else:
+      k = proj(cfg.num_kv_heads, 'kv_heads', 'key', x_kv)
+      v = proj(cfg.num_kv_heads, 'kv_heads', 'value', x_kv)
+      if self.use_rope:
+        k = apply_rope(k, positions_kv, cfg.rope_theta, rope_scaling(cfg))
     q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
     k = nn.with_logical_constraint(k, ('batch', 'length', 'kv_heads', 'head_dim'))
     v = nn.with_logical_constraint(v, ('batch', 'length', 'kv_heads', 'head_dim'))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+    if decode:
+      k, v, mask = self._cached(k, v, mask)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
+                                       implementation=cfg.attention_impl)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
     return Projection(cfg, (cfg.d_model,), ('heads', 'head_dim'), ('embed',), name='out')(out)
+
+  def _cached(self, k, v, mask):
+    """Keys/values (and mask) to attend to in decode mode, updating the 'cache' collection."""
+    axes = ('cache_batch', 'cache_length', 'cache_heads', 'cache_head_dim')
+    if self.cross_cache:
+      self.variable('cache', 'cached_key', lambda: nn.with_logical_constraint(k, axes))
+      self.variable('cache', 'cached_value', lambda: nn.with_logical_constraint(v, axes))
+      return k, v, mask
+    if not self.has_variable('cache', 'cached_key'):   # creating the cache: size it only
+      self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+      self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+      self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+      return k, v, mask
+    cached_k, cached_v = self.variable('cache', 'cached_key'), self.variable('cache', 'cached_value')
+    index = self.variable('cache', 'cache_index')
+    start, new = index.value, k.shape[1]
+    at = (0, start, 0, 0)
+    cached_k.value = nn.with_logical_constraint(
+        jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), at), axes)
+    cached_v.value = nn.with_logical_constraint(
+        jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), at), axes)
+    index.value = start + new
+    slots = cached_k.value.shape[1]
+    causal = (jnp.arange(slots)[None, :] <= start + jnp.arange(new)[:, None])[None, None]
+    return cached_k.value, cached_v.value, causal if mask is None else mask & causal

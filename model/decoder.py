@@ -55,9 +55,10 @@ def moe_layout(cfg: ModelConfig) -> tuple[int, int]:
   return dense, (cfg.num_layers - dense) // every
 
 
-def layer_stack(layer_cls, cfg: ModelConfig, name: str = 'layers', num_layers: int = 0):
-  """`num_layers` (default `cfg.num_layers`) copies of `layer_cls` applied in sequence,
-  scanned or unrolled.
+def layer_stack(layer_cls, cfg: ModelConfig, name: str = 'layers', num_layers: int = 0,
+                **attributes):
+  """`num_layers` (default `cfg.num_layers`) copies of `layer_cls(cfg, **attributes)` applied
+  in sequence, scanned or unrolled.
 
   Scanned parameters are stacked on a leading 'layers' axis under `name`; unrolled ones live
   under `{name}_{i}`. `stack_layers`/`unstack_layers` convert between the two layouts.
@@ -73,13 +74,13 @@ def layer_stack(layer_cls, cfg: ModelConfig, name: str = 'layers', num_layers: i
 
   def apply(x, *args):
     if cfg.scan_layers:
-      scanned = nn.scan(layer_cls, variable_axes={'params': 0, MOE_COLLECTION: 0},
+      scanned = nn.scan(layer_cls, variable_axes={'params': 0, MOE_COLLECTION: 0, 'cache': 0},
                         split_rngs={'params': True, 'dropout': True},
                         in_axes=(nn.broadcast,) * len(args), length=num_layers,
                         metadata_params={nn.PARTITION_NAME: 'layers'})
-      return scanned(cfg, name=name)(x, *args)[0]
+      return scanned(cfg, name=name, **attributes)(x, *args)[0]
     for i in range(num_layers):
-      x = layer_cls(cfg, name=f'{name}_{i}')(x, *args)[0]
+      x = layer_cls(cfg, name=f'{name}_{i}', **attributes)(x, *args)[0]
     return x
 
   return apply

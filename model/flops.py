@@ -29,10 +29,30 @@ def active_layer_params(cfg: ModelConfig) -> int:
           + moe_layers * decoder_layer_params(cfg, moe=True))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token of `cfg` at `seq_len`."""
-  if cfg.family != 'decoder':
+def flops_per_token(cfg: ModelConfig, seq_len: int, target_len: int = 0) -> float:
+  """Training FLOPs per token of `cfg` at `seq_len` (the encoder length of a 't5' model).
+
+  For 't5' the token is an encoder token: the decoder's `target_len` tokens per row are counted
+  in, scaled by target_len / seq_len (0 = as many as the encoder's).
+  """
+  width = cfg.num_heads * cfg.head_dim
+  if cfg.family == 'decoder':
+    matmul_params = active_layer_params(cfg) + cfg.d_model * cfg.vocab_size
+    return 6.0 * matmul_params + 12 * cfg.num_layers * width * seq_len
+  if cfg.family not in ('encoder', 't5'):
     raise ValueError(f'No FLOPs formula for model.family={cfg.family!r}.')
-  matmul_params = active_layer_params(cfg) + cfg.d_model * cfg.vocab_size
-  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-  return 6.0 * matmul_params + attention
+  enc_layers = cfg.num_encoder_layers or cfg.num_layers
+  encoder = (6.0 * (enc_layers * decoder_layer_params(cfg) + cfg.d_model * cfg.vocab_size)
+             + 12 * enc_layers * width * seq_len)
+  if cfg.family == 'encoder':
+    return encoder
+  encoder -= 6.0 * cfg.d_model * cfg.vocab_size   # the encoder has no output head
+  target_len = target_len or seq_len
+  dec_layers = cfg.num_decoder_layers or cfg.num_layers
+  cross_q_out = 2 * cfg.d_model * cfg.head_dim * cfg.num_heads
+  # Cross-attention keys/values are projected once per encoder token, not per decoder token.
+  cross_kv = 2 * cfg.d_model * cfg.head_dim * cfg.num_kv_heads
+  decoder_token = (6.0 * (dec_layers * (decoder_layer_params(cfg) + cross_q_out)
+                          + cfg.d_model * cfg.vocab_size)
+                   + 12 * dec_layers * width * (target_len + seq_len))
+  return encoder + 6.0 * dec_layers * cross_kv + decoder_token * target_len / seq_len

@@ -8,7 +8,7 @@ import time
 import jax
 from absl import logging
 
-from data.pipeline import build_pipeline
+from data.pipeline import build_pipeline, target_length
 from model import ModelConfig, build_model
 from model.flops import flops_per_token
 from model.hf import init_params
@@ -102,7 +102,8 @@ def train(config, workdir: str) -> TrainState:
   train_step = exp.jit_train_step(shardings)
   eval_step = exp.jit_eval_step(shardings.params) if c.train.eval_every_steps > 0 else None
   tokens_per_step = c.train.batch_size * c.data.seq_len
-  model_flops = flops_per_token(exp.model_cfg, c.data.seq_len)
+  decoder_len = target_length(c) if c.data.task == 'span_corruption' else 0   # encoder–decoder
+  model_flops = flops_per_token(exp.model_cfg, c.data.seq_len, decoder_len)
   peak = peak_flops(exp.partitioner.mesh.devices.flat)
   writer = MetricsWriter(workdir, c.train.steps, start, is_main)
   timer, timed_steps = None, 0
