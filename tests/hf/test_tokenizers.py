@@ -1,38 +1,14 @@
 """tokenizer.json and tokenizer.model folders behind the data.tokenizer interface."""
 
-import json
-
 import pytest
 
 from data.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 from data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from tests.hf.conftest import TEXT
 
-TEXT = ['the quick brown fox jumps over the lazy dog', 'hello world, how are you today?',
-        'tokenizers turn text into ids and back'] * 20
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CHAT = [{'role': 'system', 'content': 'be brief'}, {'role': 'user', 'content': 'hello'},
         {'role': 'assistant', 'content': 'how are you'}, {'role': 'user', 'content': 'fox?'},
         {'role': 'assistant', 'content': 'the lazy dog'}]
-
-
-@pytest.fixture(scope='module')
-def qwen_like(tmp_path_factory):
-  """A byte-level BPE tokenizer.json with Qwen-style specials and chat template."""
-  tokenizers = pytest.importorskip('tokenizers', reason='the hf extra is not installed')
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  specials = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
-  tok.train_from_iterator(TEXT, tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=specials,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-  folder = tmp_path_factory.mktemp('qwen_tok')
-  tok.save(str(folder / 'tokenizer.json'))
-  (folder / 'tokenizer_config.json').write_text(json.dumps(dict(
-      eos_token='<|im_end|>', pad_token='<|endoftext|>', bos_token=None,
-      chat_template=TEMPLATE, tokenizer_class='PreTrainedTokenizerFast')))
-  return str(folder)
 
 
 def test_tokenizer_json_matches_transformers(qwen_like):
