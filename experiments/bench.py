@@ -90,13 +90,14 @@ def time_train_step(config, steps: int, warmup: int) -> dict:
   start = time.perf_counter()
   compiled = exp.jit_train_step(shardings).lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  times = []
+  times, cpu_times = [], []
   for i in range(warmup + steps):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - start)
+      cpu_times.append(time.process_time() - cpu_start)
   step_s = statistics.median(times)
   tokens = config.train.batch_size * config.data.seq_len
   try:
@@ -108,6 +109,9 @@ def time_train_step(config, steps: int, warmup: int) -> dict:
   return {
       'step_time_s': step_s,
       'step_time_min_s': min(times),
+      # CPU seconds of all this process's threads per step: the work done, steadier than wall
+      # time when other jobs share the cores.
+      'step_cpu_s': statistics.median(cpu_times),
       'tokens_per_s': tokens / step_s,
       'model_flops_per_token': fpt,
       'achieved_flops_per_s': fpt * tokens / step_s if fpt else None,
