@@ -38,9 +38,13 @@ def _bytes_per_device(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def _param_counts(boxed_params, cfg) -> tuple[int, int]:
-  """(total, active per token): a stack of expert matrices (an 'expert' axis followed by two
-  more) counts k of its E experts as active; routers and biases count in full."""
+def param_counts(exp: Experiment, rng) -> tuple[int, int]:
+  """(total, active per token) parameters, from shapes only: a stack of expert matrices (an
+  'expert' axis followed by two more) counts k of its E experts as active; routers and biases
+  count in full."""
+  cfg = exp.model_cfg
+  with exp.partitioner.activate():
+    boxed_params = jax.eval_shape(exp.objective.init_fn, rng)
   specs = jax.tree.leaves(nn.get_partition_spec(boxed_params),
                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   total = active = 0
@@ -63,9 +67,7 @@ def plan(config, device: Optional[str] = None) -> dict:
   """The memory and FLOPs plan of `config`'s train step on the current devices (a dict)."""
   exp = Experiment.from_config(config)
   rng = jax.random.key(config.seed)
-  with exp.partitioner.activate():
-    boxed_params = jax.eval_shape(exp.objective.init_fn, rng)
-  total, active = _param_counts(boxed_params, exp.model_cfg)
+  total, active = param_counts(exp, rng)
   state, shardings = exp.partitioner.abstract(exp.init_state, rng)
   batch = abstract_batch(config, exp.partitioner.batch_sharding)
   lowered = exp.jit_train_step(shardings).lower(state, batch)

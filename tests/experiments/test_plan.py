@@ -6,7 +6,7 @@ import math
 import jax
 import pytest
 
-from experiments.plan import main as plan_main, plan
+from experiments.plan import main as plan_main, param_counts, plan
 from tests.helpers import tiny_config
 from train.trainer import Experiment
 
@@ -55,7 +55,7 @@ def test_fits_verdict_and_bad_device(sharded_plan, capsys):
 def test_moe_active_params_count_top_k_experts():
   config = _tiny()
   config.model.update(num_experts=4, num_experts_per_tok=1)
-  p = plan(config)
+  total, active = param_counts(Experiment.from_config(config), jax.random.key(0))
   m = config.model
   routed = m.num_layers * m.num_experts * 3 * m.d_model * m.mlp_dim   # swiglu wi_0, wi_1, wo
-  assert p['params_total'] - p['params_active'] == routed * 3 // 4
+  assert total - active == routed * 3 // 4
