@@ -102,7 +102,8 @@ class Attention(nn.Module):
       self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
       self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
       return k, v, mask
-    cached_k, cached_v = self.variable('cache', 'cached_key'), self.variable('cache', 'cached_value')
+    cached_k = self.variable('cache', 'cached_key')
+    cached_v = self.variable('cache', 'cached_value')
     index = self.variable('cache', 'cache_index')
     start, new = index.value, k.shape[1]
     at = (0, start, 0, 0)
