@@ -25,5 +25,5 @@ def _tiny(c):
   c.model.update(vocab_size=384, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4,
                  head_dim=16, mlp_dim=128)
   c.data.seq_len = 128
-  c.train.update(steps=300, batch_size=16, learning_rate=3e-3, warmup_steps=30)
+  c.train.update(steps=600, batch_size=16, learning_rate=3e-3, warmup_steps=30)
   c.checkpoint.every_steps = 100
