@@ -65,6 +65,9 @@ def test_dropless_equals_dense_every_expert_reference(score, renormalize, scalin
   assert float(metrics['moe_dropped'][0]) == 0.0
   loads = [float(metrics[f'moe_load_e{i:02d}'][0]) for i in range(cfg.num_experts)]
   assert abs(sum(loads) - 1.0) < 1e-6
+  expected_aux = (cfg.load_balance_loss * metrics['moe_load_balance'][0]
+                  + cfg.router_z_loss * metrics['moe_router_z'][0])
+  np.testing.assert_allclose(metrics['moe_aux_loss'][0], expected_aux, rtol=1e-6)
 
 
 def test_capacity_with_room_for_all_equals_dropless():
@@ -110,23 +113,20 @@ def test_load_balance_loss_matches_its_formula_on_hand_built_routing():
                              1.0, rtol=1e-6)
 
 
-def test_aux_loss_metric_is_the_weighted_sum_over_moe_layers():
-  cfg = dataclasses.replace(CFG, vocab_size=32, num_layers=4, num_heads=2, num_kv_heads=1,
-                            head_dim=8, first_dense_layers=1, moe_every=1,
-                            load_balance_loss=0.1, router_z_loss=0.01)
-  batch = packed_batch(2, 8, cfg.vocab_size)
-  model = build_model(cfg)
-  args = (batch['inputs'], batch['positions'], batch['segment_ids'])
-
-  @jax.jit
-  def metrics(rng):
-    params = meta.unbox(model.init(rng, *args)['params'])
-    return moe_metrics(model.apply({'params': params}, *args, mutable=[MOE_COLLECTION])[1])
-
-  m = metrics(jax.random.key(0))
-  assert float(m['moe_load_balance'][1]) == 3.0      # 3 MoE layers after 1 dense layer
-  expected = 0.1 * m['moe_load_balance'][0] + 0.01 * m['moe_router_z'][0]
-  np.testing.assert_allclose(m['moe_aux_loss'][0], expected, rtol=1e-5)
+def test_moe_metrics_reduce_scanned_and_unrolled_layers():
+  # Sown layout of 2 scanned MoE layers plus 1 unrolled one (each sow is a 1-tuple).
+  def layer(n, aux, load, dropped):
+    return {'aux_loss': (jnp.full((n,), aux),), 'load_balance': (jnp.full((n,), 1.0),),
+            'router_z': (jnp.full((n,), 2.0),), 'load': (jnp.tile(jnp.array(load), (n, 1)),),
+            'dropped': (jnp.full((n,), dropped),), 'routed': (jnp.full((n,), 8.0),)}
+  stats = {'layers': {'moe': {'mlp': layer(2, 0.5, [0.75, 0.25], 1.0)}},
+           'layers_2': {'mlp': layer(1, 0.25, [0.0, 1.0], 2.0)}}
+  m = moe_metrics(stats)
+  assert float(m['moe_aux_loss'][0]) == 1.25 and float(m['moe_aux_loss'][1]) == 1.0
+  assert (float(m['moe_router_z'][0]), float(m['moe_router_z'][1])) == (6.0, 3.0)
+  assert (float(m['moe_load_e00'][0]), float(m['moe_load_e01'][0])) == (1.5, 1.5)
+  assert (float(m['moe_dropped'][0]), float(m['moe_dropped'][1])) == (4.0, 24.0)
+  assert moe_metrics({}) == {}
 
 
 @pytest.mark.parametrize('dense,every,moe_layers', [(0, 1, 4), (1, 3, 1), (2, 2, 1)])
