@@ -37,9 +37,14 @@ def load_config(folder: str, **overrides) -> ModelConfig:
 def abstract_params(cfg: ModelConfig) -> Any:
   """Unboxed ShapeDtypeStructs of the params of `cfg` (nothing is allocated)."""
   model = build_model(cfg)
-  ids = jnp.zeros((1, 1), jnp.int32)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, ids + 1)['params'])
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *init_inputs(cfg))['params'])
   return nn.meta.unbox(boxed)
+
+
+def init_inputs(cfg: ModelConfig) -> tuple:
+  """Smallest inputs that initialise `cfg`'s model (ids, positions, segment ids; twice for T5)."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return (ids, ids, ids + 1) * (2 if cfg.family == 't5' else 1)
 
 
 def _key(path) -> tuple:

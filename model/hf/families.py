@@ -6,7 +6,7 @@ from model.config import ModelConfig
 
 DECODERS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
             'qwen2': 'Qwen2ForCausalLM', 'mixtral': 'MixtralForCausalLM'}
-SUPPORTED = tuple(DECODERS)
+SUPPORTED = (*DECODERS, 't5')
 
 
 def _rope(hf: dict) -> tuple[float, dict]:
@@ -39,6 +39,28 @@ def _unsupported(hf: dict, path: str) -> None:
     raise ValueError(f'{path}: use_sliding_window=true is not supported (full attention only).')
 
 
+# Gated T5 v1.1 ('gated-gelu') imports with logits unequal to transformers': refused until fixed.
+T5_FEED_FORWARD = {'relu': 'relu'}
+
+
+def t5_model_config(hf: dict, path: str) -> ModelConfig:
+  """Original T5 (relu feed-forward, tied embeddings with rescaled logits)."""
+  ff = hf.get('feed_forward_proj', 'relu')
+  if ff not in T5_FEED_FORWARD:
+    raise ValueError(f'{path}: feed_forward_proj={ff!r} is not supported; supported: '
+                     f'{sorted(T5_FEED_FORWARD)}.')
+  layers = hf['num_layers']
+  return ModelConfig(
+      family='t5', vocab_size=hf['vocab_size'], d_model=hf['d_model'], num_layers=layers,
+      num_encoder_layers=layers, num_decoder_layers=hf.get('num_decoder_layers') or layers,
+      num_heads=hf['num_heads'], num_kv_heads=hf['num_heads'], head_dim=hf['d_kv'],
+      mlp_dim=hf['d_ff'], activation=T5_FEED_FORWARD[ff],
+      norm_eps=hf.get('layer_norm_epsilon', 1e-6), position_embedding='relative',
+      relative_buckets=hf.get('relative_attention_num_buckets', 32),
+      relative_max_distance=hf.get('relative_attention_max_distance', 128),
+      scale_attention=False, tie_embeddings=hf.get('tie_word_embeddings', True))
+
+
 def model_config(hf: dict, path: str = 'config.json', **overrides) -> ModelConfig:
   """ModelConfig equal in function to the Hugging Face `hf` config dict.
 
@@ -46,9 +68,11 @@ def model_config(hf: dict, path: str = 'config.json', **overrides) -> ModelConfi
   output is scaled differently). `overrides` set any other ModelConfig field (e.g. dtype).
   """
   kind = hf.get('model_type')
+  if kind == 't5':
+    return dataclasses.replace(t5_model_config(hf, path), **overrides)
   if kind not in DECODERS:
     raise ValueError(f'{path}: model_type={kind!r} is not supported; supported families: '
-                     f'{sorted(DECODERS)}.')
+                     f'{sorted(SUPPORTED)}.')
   _unsupported(hf, path)
   heads = hf['num_attention_heads']
   theta, scaling = _rope(hf)
@@ -67,7 +91,10 @@ def model_config(hf: dict, path: str = 'config.json', **overrides) -> ModelConfi
 
 
 def hf_config(cfg: ModelConfig, dtype: str = 'float32') -> dict:
-  """The Hugging Face config.json dict for a seedling decoder (Llama, Qwen2 or Mixtral)."""
+  """The Hugging Face config.json dict for a seedling decoder (Llama, Qwen2 or Mixtral) or
+  T5 model."""
+  if cfg.family == 't5':
+    return t5_hf_config(cfg, dtype)
   if cfg.family != 'decoder':
     raise ValueError(f'Export supports the decoder family, not model.family={cfg.family!r}.')
   if cfg.activation != 'swiglu' or cfg.tie_embeddings:
@@ -99,3 +126,23 @@ def hf_config(cfg: ModelConfig, dtype: str = 'float32') -> dict:
     out.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
                router_aux_loss_coef=cfg.load_balance_loss)
   return out
+
+
+def t5_hf_config(cfg: ModelConfig, dtype: str) -> dict:
+  """config.json of a T5ForConditionalGeneration equal to the seedling T5 `cfg`."""
+  ff = {v: k for k, v in T5_FEED_FORWARD.items()}
+  if (cfg.activation not in ff or cfg.position_embedding != 'relative' or cfg.scale_attention
+      or cfg.num_kv_heads != cfg.num_heads):
+    raise ValueError('T5 export needs model.position_embedding=relative, '
+                     'scale_attention=False, num_kv_heads=num_heads and activation in '
+                     f'{sorted(ff)}.')
+  return dict(
+      architectures=['T5ForConditionalGeneration'], model_type='t5', vocab_size=cfg.vocab_size,
+      d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim, num_heads=cfg.num_heads,
+      num_layers=cfg.num_encoder_layers or cfg.num_layers,
+      num_decoder_layers=cfg.num_decoder_layers or cfg.num_layers,
+      feed_forward_proj=ff[cfg.activation], dense_act_fn='relu', is_gated_act=False,
+      layer_norm_epsilon=cfg.norm_eps, relative_attention_num_buckets=cfg.relative_buckets,
+      relative_attention_max_distance=cfg.relative_max_distance,
+      tie_word_embeddings=cfg.tie_embeddings, is_encoder_decoder=True, decoder_start_token_id=0,
+      pad_token_id=0, eos_token_id=1, torch_dtype=dtype, dtype=dtype)

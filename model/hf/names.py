@@ -108,24 +108,71 @@ def global_rules(tied: bool) -> dict[tuple, Rule]:
           ('lm_head', 'kernel'): _linear(lambda i: head)}
 
 
+def _attention(prefix, heads, head_dim):
+  """seedling attention params <- HF T5 attention q/k/v/o under `prefix(i)`."""
+  n = lambda w: (lambda i: f'{prefix(i)}.{w}.weight')
+  return {('query', 'kernel'): _heads_in(n('q'), heads, head_dim),
+          ('key', 'kernel'): _heads_in(n('k'), heads, head_dim),
+          ('value', 'kernel'): _heads_in(n('v'), heads, head_dim),
+          ('out', 'kernel'): _heads_out(n('o'), heads, head_dim)}
+
+
+def t5_layer_rules(cfg: ModelConfig, stack: str) -> dict[tuple, Rule]:
+  """One T5 block of `stack` ('encoder' | 'decoder'): HF `{stack}.block.{i}.layer.{j}`."""
+  h, hd = cfg.num_heads, cfg.head_dim
+  sub = lambda j, rest: (lambda i: f'{stack}.block.{i}.layer.{j}.{rest}')
+  cross = stack == 'decoder'
+  ff = 2 if cross else 1
+  self_name = 'self_attn' if cross else 'attn'
+  rules = {(self_name, *k): r for k, r in _attention(sub(0, 'SelfAttention'), h, hd).items()}
+  rules[('attn_norm', 'scale')] = _identity(sub(0, 'layer_norm.weight'))
+  if cross:
+    rules.update({('cross_attn', *k): r
+                  for k, r in _attention(sub(1, 'EncDecAttention'), h, hd).items()})
+    rules[('cross_norm', 'scale')] = _identity(sub(1, 'layer_norm.weight'))
+  rules[('mlp_norm', 'scale')] = _identity(sub(ff, 'layer_norm.weight'))
+  for name in ('wi', 'wi_0', 'wi_1', 'wo'):
+    rules[('mlp', name, 'kernel')] = _linear(sub(ff, f'DenseReluDense.{name}.weight'))
+  return rules
+
+
+def t5_global_rules() -> dict[tuple, Rule]:
+  bias = lambda stack: f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight'
+  return {('embed', 'embedding'): _identity(lambda i: 'shared.weight'),
+          ('encoder', 'final_norm', 'scale'): _identity(lambda i: 'encoder.final_layer_norm.weight'),
+          ('decoder', 'final_norm', 'scale'): _identity(lambda i: 'decoder.final_layer_norm.weight'),
+          ('encoder', 'relpos', 'rel_embedding'): _identity(lambda i: bias('encoder')),
+          ('decoder', 'relpos', 'rel_embedding'): _identity(lambda i: bias('decoder')),
+          ('decoder', 'lm_head', 'kernel'): _linear(lambda i: 'lm_head.weight')}
+
+
 def resolve(path: tuple, cfg: ModelConfig, tied: bool = False, fused_experts: bool = False
             ) -> tuple[Optional[str], Optional[int], Rule]:
   """(kind, layer, rule) for a seedling parameter path: kind 'scanned' (leading layer axis),
   'layer' (unrolled layer `layer`) or None (global)."""
-  match = LAYER_KEY.match(path[0])
+  if cfg.family == 't5':
+    match = LAYER_KEY.match(path[1]) if len(path) > 1 else None
+    if match:
+      rules, inner = t5_layer_rules(cfg, path[0]), path[2:]
+    else:
+      rules, inner = t5_global_rules(), path
+  else:
+    match = LAYER_KEY.match(path[0])
+    rules, inner = global_rules(tied), path
+    if match:
+      inner = path[1:]
+      if cfg.num_experts:
+        if cfg.moe_every != 1 or cfg.first_dense_layers or inner[0] != 'moe':
+          raise ValueError('Hugging Face conversion supports MoE models with every layer MoE '
+                           '(Mixtral); set model.moe_every=1 and model.first_dense_layers=0.')
+        inner = inner[1:]
+      rules = layer_rules(cfg, fused_experts)
   if not match:
-    rules, kind, layer, inner = global_rules(tied), None, None, path
+    kind, layer = None, None
   else:
     kind = 'scanned' if match.group(2) is None else 'layer'
     layer = None if match.group(2) is None else int(match.group(2))
-    inner = path[1:]
-    if cfg.num_experts:
-      if cfg.moe_every != 1 or cfg.first_dense_layers or inner[0] != 'moe':
-        raise ValueError('Hugging Face conversion supports MoE models with every layer MoE '
-                         '(Mixtral); set model.moe_every=1 and model.first_dense_layers=0.')
-      inner = inner[1:]
-    rules = layer_rules(cfg, fused_experts)
   if inner not in rules:
     raise ValueError(f'Parameter {"/".join(path)} has no Hugging Face counterpart; the '
-                     'converter covers the Llama/Qwen2/Mistral/Mixtral decoder layout.')
+                     'converter covers the Llama/Qwen2/Mistral/Mixtral and T5 layouts.')
   return kind, layer, rules[inner]
