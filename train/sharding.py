@@ -145,6 +145,11 @@ class Partitioner:
     return NamedSharding(self.mesh, P(self.spec(('batch',))[0]))
 
   @property
+  def batch_shards(self) -> int:
+    """How many ways the batch dimension is split."""
+    return _ways(self.mesh, self.spec(('batch',))[0])
+
+  @property
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 

@@ -15,22 +15,25 @@ def _add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
-def _microbatches(batch: dict, n: int) -> dict:
-  """[B, ...] -> [n, B/n, ...] with micro-batch i = rows i, i+n, ...: every device keeps an
-  equal share of each micro-batch instead of one micro-batch living on a few devices."""
+def _microbatches(batch: dict, n: int, shards: int) -> dict:
+  """[B, ...] -> [n, B/n, ...], where micro-batch i takes the i-th slice of every batch shard's
+  local rows: each device splits only the rows it holds (no cross-device reshuffle)."""
   def split(x):
-    if x.shape[0] % n:
-      raise ValueError(f'train.batch_size={x.shape[0]} is not divisible by '
-                       f'train.grad_accum_steps={n}.')
-    x = jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+    if x.shape[0] % (n * shards):
+      raise ValueError(f'train.batch_size={x.shape[0]} must divide into train.grad_accum_steps='
+                       f'{n} micro-batches on each of the {shards} batch shards.')
+    x = x.reshape(shards, n, x.shape[0] // (shards * n), *x.shape[1:]).swapaxes(0, 1)
+    x = x.reshape(n, x.shape[1] * x.shape[2], *x.shape[3:])
     return nn.with_logical_constraint(x, (None, 'batch') + (None,) * (x.ndim - 2))
   return jax.tree.map(split, batch)
 
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, seed: int, grad_accum_steps: int = 1) -> Callable:
+                    schedule: optax.Schedule, *, seed: int, grad_accum_steps: int = 1,
+                    batch_shards: int = 1) -> Callable:
   """(state, batch) -> (state, metrics). The step's RNG is fold_in(key(seed), step), so a
-  resumed run draws exactly the numbers of the run that never stopped."""
+  resumed run draws exactly the numbers of the run that never stopped. `batch_shards` is how
+  many ways the batch is split over devices (Partitioner.batch_shards)."""
 
   def loss_and_metrics(params, batch, rng):
     metrics = objective.loss_fn(params, batch, rng, train=True)
@@ -43,7 +46,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
     if grad_accum_steps == 1:
       grads, metrics = grad_fn(state.params, batch, rng)
     else:
-      micro = _microbatches(batch, grad_accum_steps)
+      micro = _microbatches(batch, grad_accum_steps, batch_shards)
 
       def body(carry, xs):
         mb, i = xs

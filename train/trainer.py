@@ -48,7 +48,8 @@ class Experiment:
   def jit_train_step(self, state_shardings):
     c = self.config
     step = make_train_step(self.objective, self.tx, self.schedule, seed=c.seed,
-                           grad_accum_steps=c.train.grad_accum_steps)
+                           grad_accum_steps=c.train.grad_accum_steps,
+                           batch_shards=self.partitioner.batch_shards)
     batch = self.partitioner.batch_sharding
     return self.partitioner.jit(step, in_shardings=(state_shardings, batch),
                                 out_shardings=(state_shardings, None), donate_argnums=(0,))
