@@ -1,9 +1,13 @@
 """Small shared test builders: a tiny config, random packed batches, sub-meshes."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from configs.base import base_config
 from train.sharding import Partitioner, make_mesh
@@ -39,3 +43,16 @@ def partitioner(**axes) -> Partitioner:
   shape = {'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1, **axes}
   n = int(np.prod(list(shape.values())))
   return Partitioner(make_mesh(shape, jax.devices()[:n]))
+
+
+def read_metrics(workdir) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def checkpoint_params(workdir, step: int):
+  """Parameters of the checkpoint at `step` in WORKDIR/checkpoints, restored to host arrays."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored['state']['params']

@@ -9,10 +9,10 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import checkpoint_params, read_metrics
 
 STEPS, EVERY = 120, 40
 # The tiny preset, shrunk so the whole file runs in well under a minute.
@@ -35,16 +35,9 @@ def _run(workdir, *extra):
   return proc.returncode, out + err
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
 def _final_params(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  assert manager.latest_step() == STEPS
-  restored = manager.restore(STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return restored['state']['params']
+  assert sorted(int(d) for d in os.listdir(workdir / 'checkpoints'))[-1] == STEPS
+  return checkpoint_params(workdir, STEPS)
 
 
 @pytest.fixture(scope='module')
@@ -58,7 +51,7 @@ def reference_run(tmp_path_factory):
 def test_run_writes_config_metrics_tensorboard_checkpoints(reference_run):
   with open(reference_run / 'config.json') as f:
     assert json.load(f)['train']['steps'] == STEPS
-  records = _metrics(reference_run)
+  records = read_metrics(reference_run)
   assert [r['step'] for r in records] == list(range(10, STEPS + 1, 10))
   for r in records[1:]:
     assert {'loss', 'learning_rate', 'tokens_per_s', 'mfu'} <= set(r)
@@ -68,7 +61,7 @@ def test_run_writes_config_metrics_tensorboard_checkpoints(reference_run):
 
 
 def test_loss_drops_on_the_embedded_corpus(reference_run):
-  losses = [r['loss'] for r in _metrics(reference_run)]
+  losses = [r['loss'] for r in read_metrics(reference_run)]
   assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -89,7 +82,7 @@ def test_sigkill_and_resume_is_bitwise_the_uninterrupted_run(reference_run, tmp_
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
   strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
-  assert strip(_metrics(tmp_path)) == strip(_metrics(reference_run))
+  assert strip(read_metrics(tmp_path)) == strip(read_metrics(reference_run))
 
 
 @pytest.mark.parametrize('overrides,message', [

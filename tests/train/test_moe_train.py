@@ -1,7 +1,6 @@
 """The tiny MoE through the launcher on an expert-parallel mesh: it learns, logs its MoE metrics,
 checkpoints, and resuming from the half-way checkpoint ends bitwise where the straight run ends."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -9,9 +8,9 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from tests.conftest import REPO
+from tests.helpers import checkpoint_params, read_metrics
 
 STEPS = 20
 ARGS = ['--config=configs/moe.py:tiny', '--config.train.log_every_steps=5',
@@ -29,14 +28,7 @@ def _run(workdir, steps):
                         capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def _params(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  restored = manager.restore(STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return restored['state']['params']
+  return read_metrics(workdir)
 
 
 def test_tiny_moe_learns_logs_expert_metrics_and_resumes_exactly(tmp_path):
@@ -52,6 +44,6 @@ def test_tiny_moe_learns_logs_expert_metrics_and_resumes_exactly(tmp_path):
   resumed = _run(tmp_path / 'resumed', STEPS)
   assert [r['step'] for r in resumed] == [5, 10, 15, 20]
   assert resumed[-1]['loss'] == last['loss']
-  for a, b in zip(jax.tree.leaves(_params(tmp_path / 'resumed')),
-                  jax.tree.leaves(_params(tmp_path / 'straight'))):
+  for a, b in zip(jax.tree.leaves(checkpoint_params(tmp_path / 'resumed', STEPS)),
+                  jax.tree.leaves(checkpoint_params(tmp_path / 'straight', STEPS))):
     np.testing.assert_array_equal(a, b)

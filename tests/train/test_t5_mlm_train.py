@@ -2,17 +2,14 @@
 synthetic corpus: loss/accuracy beat the unigram/frequency baselines of the same batches, and
 resuming from the half-way checkpoint ends bitwise where the straight run ends."""
 
-import json
-import os
 import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-import pytest
 
 from configs import mlm, t5
 from data.pipeline import build_pipeline
+from tests.helpers import checkpoint_params, read_metrics
 from train.trainer import Experiment, train
 
 STEPS = 160
@@ -42,14 +39,7 @@ def _target_counts(config, targets_key, mask_key, batches=20):
 
 def _run(config, workdir):
   train(config, str(workdir))
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def _params(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  restored = manager.restore(STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return restored['state']['params']
+  return read_metrics(workdir)
 
 
 def test_tiny_t5_denoises_spans_below_the_unigram_entropy_and_resumes_exactly(tmp_path):
@@ -65,8 +55,8 @@ def test_tiny_t5_denoises_spans_below_the_unigram_entropy_and_resumes_exactly(tm
   shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / str(STEPS))
   resumed = _run(config, tmp_path / 'resumed')
   assert resumed[-1]['step'] == STEPS and resumed[-1]['loss'] == straight[-1]['loss']
-  for a, b in zip(jax.tree.leaves(_params(tmp_path / 'resumed')),
-                  jax.tree.leaves(_params(tmp_path / 'straight'))):
+  for a, b in zip(jax.tree.leaves(checkpoint_params(tmp_path / 'resumed', STEPS)),
+                  jax.tree.leaves(checkpoint_params(tmp_path / 'straight', STEPS))):
     np.testing.assert_array_equal(a, b)
 
 
