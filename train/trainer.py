@@ -1,7 +1,6 @@
 """The training loop: model + objective + data -> updated, checkpointed, logged state."""
 
 import dataclasses
-import json
 import os
 import time
 

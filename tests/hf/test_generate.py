@@ -2,7 +2,6 @@
 
 import shutil
 
-import numpy as np
 
 from experiments.generate import HFModel
 
