@@ -22,8 +22,9 @@ class ModelConfig:
   num_kv_heads: int = 2           # key/value heads: = num_heads MHA, 1 MQA, in between GQA
   head_dim: int = 32              # width of one attention head
   mlp_dim: int = 384              # feed-forward hidden width
-  activation: str = 'swiglu'      # feed-forward: 'swiglu' | 'geglu' (gated) | 'relu' | 'gelu'
-  norm_eps: float = 1e-6          # RMSNorm epsilon
+  activation: str = 'swiglu'      # swiglu | geglu (gated) | relu | gelu (tanh) | gelu_exact (erf)
+  norm_eps: float = 1e-6          # norm epsilon (RMSNorm and LayerNorm)
+  norm_type: str = 'rms'          # 'rms' (RMSNorm) | 'layernorm' (mean-subtracted, with bias; BERT)
   rope_theta: float = 10_000.0    # rotary embedding base
   rope_scaling: str = ''          # rotary frequency scaling: '' (none) | 'llama3' (Llama 3.1)
   rope_scaling_factor: float = 1.0  # llama3 scaling: long-wavelength frequencies divided by this
@@ -32,6 +33,7 @@ class ModelConfig:
   rope_original_max_len: int = 8192  # llama3 scaling: context length of pretraining
   tie_embeddings: bool = False    # logits from the input embedding (scaled by 1/sqrt(d_model))
   qkv_bias: bool = False          # biases on query/key/value projections (Qwen2-style)
+  use_bias: bool = False          # biases on every attention and MLP projection (BERT/RoBERTa)
   dtype: str = 'float32'          # compute dtype of activations and matmuls
   param_dtype: str = 'float32'    # storage dtype of parameters (and optimizer moments)
   scan_layers: bool = True        # nn.scan over layers (one compiled layer) or unrolled
@@ -54,7 +56,13 @@ class ModelConfig:
   router_bias_update_rate: float = 0.0  # MoE: DeepSeek-V3 aux-loss-free bias step; 0 = off
   num_encoder_layers: int = 0     # t5/encoder: encoder layers; 0 = num_layers
   num_decoder_layers: int = 0     # t5: decoder layers; 0 = num_layers
-  position_embedding: str = 'rope'  # t5/encoder positions: 'rope' | 'relative' (T5 bucketed bias)
+  position_embedding: str = 'rope'  # t5/encoder: 'rope' | 'relative' (T5 bias) | 'learned' (BERT)
+  max_positions: int = 512        # encoder 'learned' positions: rows of the position table
+  position_offset: int = 0        # encoder 'learned' positions: table row of position 0 (RoBERTa 2)
+  type_vocab_size: int = 0        # encoder: token-type (sentence A/B) embedding rows; 0 = none
+  embed_norm: bool = False        # encoder: norm of the summed embeddings (BERT)
+  norm_position: str = 'pre'      # encoder: 'pre' x+f(norm(x)), final norm | 'post' norm(x+f(x))
+  mlm_head: bool = False          # encoder: BERT head dense+act+norm, tied decoder with a bias
   relative_buckets: int = 32      # relative position bias: buckets per direction pair (T5: 32)
   relative_max_distance: int = 128  # relative position bias: distances beyond share the last bucket
   scale_attention: bool = True    # logits / sqrt(head_dim); T5 leaves logits unscaled (False)

@@ -4,7 +4,8 @@ Every parameter carries logical axis names (train/sharding.py maps them onto a m
 nothing here knows about devices.
 """
 
-from typing import Sequence
+import functools
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -12,8 +13,10 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 
-ACTIVATIONS = {'swiglu': ('silu', True), 'geglu': ('gelu', True),
-               'relu': ('relu', False), 'gelu': ('gelu', False)}
+# name -> (function, gated). 'gelu' is the tanh approximation; 'gelu_exact' the erf form (BERT).
+ACTIVATIONS = {'swiglu': (jax.nn.silu, True), 'geglu': (jax.nn.gelu, True),
+               'relu': (jax.nn.relu, False), 'gelu': (jax.nn.gelu, False),
+               'gelu_exact': (functools.partial(jax.nn.gelu, approximate=False), False)}
 
 
 def kernel_init(axes: Sequence[str], fan_in_axes: int = 1):
@@ -36,6 +39,33 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.norm_eps)
     return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+class LayerNorm(nn.Module):
+  """Mean-subtracted, variance-normalised norm with a learned scale and bias (BERT)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    param = lambda name, init: self.param(
+        name, nn.with_logical_partitioning(init, ('norm',)), (x.shape[-1],), self.cfg.weight_dtype)
+    scale, bias = param('scale', nn.initializers.ones), param('bias', nn.initializers.zeros)
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+                                + self.cfg.norm_eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(
+        self.cfg.compute_dtype)
+
+
+NORMS = {'rms': RMSNorm, 'layernorm': LayerNorm}
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """The norm `model.norm_type` asks for, named `name`."""
+  if cfg.norm_type not in NORMS:
+    raise ValueError(f'model.norm_type={cfg.norm_type!r}; choose one of {sorted(NORMS)}.')
+  return NORMS[cfg.norm_type](cfg, name=name)
 
 
 class Projection(nn.Module):
@@ -66,13 +96,17 @@ class Projection(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding table [vocab, embed]; `attend` gives logits against it (tied output)."""
+  """Embedding table [rows, embed] (tokens by default; also learned positions and token
+  types); `attend` gives logits against it (tied output)."""
   cfg: ModelConfig
+  rows: int = 0                        # table rows; 0 = model.vocab_size
+  row_axis: Optional[str] = 'vocab'    # logical axis of the rows; None keeps small tables whole
 
   def setup(self):
     self.embedding = self.param(
-        'embedding', nn.with_logical_partitioning(nn.initializers.normal(1.0), ('vocab', 'embed')),
-        (self.cfg.vocab_size, self.cfg.d_model), self.cfg.weight_dtype)
+        'embedding', nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                  (self.row_axis, 'embed')),
+        (self.rows or self.cfg.vocab_size, self.cfg.d_model), self.cfg.weight_dtype)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     # Gathering rows from a sharded table makes SPMD replicate it badly; all-gathering the
@@ -86,7 +120,7 @@ class Embed(nn.Module):
 
 
 class MLP(nn.Module):
-  """Feed-forward block: gated (SwiGLU, GeGLU) or plain (ReLU, GELU), no biases."""
+  """Feed-forward block: gated (SwiGLU, GeGLU) or plain (ReLU, GELU); biases if model.use_bias."""
   cfg: ModelConfig
 
   @nn.compact
@@ -94,12 +128,13 @@ class MLP(nn.Module):
     cfg = self.cfg
     if cfg.activation not in ACTIVATIONS:
       raise ValueError(f'model.activation={cfg.activation!r}; choose one of {sorted(ACTIVATIONS)}.')
-    act_name, gated = ACTIVATIONS[cfg.activation]
-    act = getattr(jax.nn, act_name)
-    up = lambda name: Projection(cfg, (cfg.mlp_dim,), ('embed',), ('mlp',), name=name)(x)
+    act, gated = ACTIVATIONS[cfg.activation]
+    up = lambda name: Projection(cfg, (cfg.mlp_dim,), ('embed',), ('mlp',), use_bias=cfg.use_bias,
+                                 name=name)(x)
     h = act(up('wi_0')) * up('wi_1') if gated else act(up('wi'))
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
-    return Projection(cfg, (cfg.d_model,), ('mlp',), ('embed',), name='wo')(h)
+    return Projection(cfg, (cfg.d_model,), ('mlp',), ('embed',), use_bias=cfg.use_bias,
+                      name='wo')(h)
 
 
 def rope_scaling(cfg: ModelConfig) -> tuple:

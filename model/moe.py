@@ -122,8 +122,7 @@ class MoE(nn.Module):
   def _experts(self, x, matmul):
     """The routed experts' FFN with `matmul(x, kernel [E, in, out])` doing the grouping."""
     cfg = self.cfg
-    act_name, gated = ACTIVATIONS[cfg.activation]
-    act = getattr(jax.nn, act_name)
+    act, gated = ACTIVATIONS[cfg.activation]
     dim = cfg.expert_mlp_dim or cfg.mlp_dim
     dtype = cfg.compute_dtype
 
