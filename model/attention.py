@@ -67,8 +67,8 @@ class Attention(nn.Module):
       raise ValueError(f'model.num_heads={cfg.num_heads} must be a multiple of '
                        f'model.num_kv_heads={cfg.num_kv_heads}.')
     proj = lambda heads, axis, name, x: Projection(
-        cfg, (heads, cfg.head_dim), ('embed',), (axis, 'head_dim'), use_bias=cfg.qkv_bias,
-        name=name)(x)
+        cfg, (heads, cfg.head_dim), ('embed',), (axis, 'head_dim'),
+        use_bias=cfg.qkv_bias or cfg.use_bias, name=name)(x)
     q = proj(cfg.num_heads, 'heads', 'query', x_q)
     if self.use_rope:
       q = apply_rope(q, positions_q, cfg.rope_theta, rope_scaling(cfg))
@@ -88,7 +88,8 @@ class Attention(nn.Module):
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
                                        implementation=cfg.attention_impl)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
-    return Projection(cfg, (cfg.d_model,), ('heads', 'head_dim'), ('embed',), name='out')(out)
+    return Projection(cfg, (cfg.d_model,), ('heads', 'head_dim'), ('embed',),
+                      use_bias=cfg.use_bias, name='out')(out)
 
   def _cached(self, k, v, mask):
     """Keys/values (and mask) to attend to in decode mode, updating the 'cache' collection."""
