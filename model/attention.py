@@ -1,18 +1,22 @@
 """Multi-head attention with grouped key/value heads (MHA, GQA and MQA by head counts)."""
 
-from typing import Optional
+from typing import Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from model.config import ModelConfig
 from model.layers import Projection, apply_rope, rope_scaling
+from model.pallas_attention import splash_attention
 
 # attention_impl -> (backends it runs on, compute dtypes it takes); None = any.
 IMPLEMENTATIONS = {
     'xla': (None, None),
     'cudnn': (('gpu', 'cuda'), ('bfloat16', 'float16')),   # cuDNN fused flash attention
+    'pallas': (('tpu',), None),                            # Pallas splash attention kernel
+    'pallas_interpret': (None, None),   # the same kernel in Pallas' interpreter (slow; tests)
 }
 
 
@@ -23,8 +27,9 @@ def check_implementation(cfg: ModelConfig, backend: str) -> None:
                      f'{sorted(IMPLEMENTATIONS)}.')
   backends, dtypes = IMPLEMENTATIONS[cfg.attention_impl]
   if backends is not None and backend not in backends:
+    here = sorted(n for n, (b, _) in IMPLEMENTATIONS.items() if b is None or backend in b)
     raise ValueError(f'model.attention_impl={cfg.attention_impl!r} runs on {backends} devices, '
-                     f"not on this {backend!r} backend; use 'xla' here.")
+                     f'not on this {backend!r} backend; use one of {here} here.')
   if dtypes is not None and cfg.dtype not in dtypes:
     raise ValueError(f'model.attention_impl={cfg.attention_impl!r} needs model.dtype in '
                      f'{dtypes}, got {cfg.dtype!r}.')
@@ -41,6 +46,22 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
     t, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
     mask &= jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
   return mask[:, None]
+
+
+class SegmentMask(struct.PyTreeNode):
+  """`attention_mask`'s mask kept as segment ids, for kernels that take those ('pallas*')."""
+  q_segment_ids: jax.Array    # [B, T]
+  kv_segment_ids: jax.Array   # [B, S]
+  causal: bool = struct.field(pytree_node=False)
+
+
+def layer_mask(cfg: ModelConfig, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+               causal: bool) -> Union[jax.Array, SegmentMask]:
+  """The mask a model hands its attention layers: segment ids for the Pallas kernel, else
+  the dense `attention_mask`, built once and shared by every layer."""
+  if cfg.attention_impl.startswith('pallas'):
+    return SegmentMask(q_segment_ids, kv_segment_ids, causal)
+  return attention_mask(q_segment_ids, kv_segment_ids, causal)
 
 
 class Attention(nn.Module):
@@ -83,13 +104,29 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
     k = nn.with_logical_constraint(k, ('batch', 'length', 'kv_heads', 'head_dim'))
     v = nn.with_logical_constraint(v, ('batch', 'length', 'kv_heads', 'head_dim'))
-    if decode:
-      k, v, mask = self._cached(k, v, mask)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
-                                       implementation=cfg.attention_impl)
+    if cfg.attention_impl.startswith('pallas'):
+      out = self._pallas(q, k, v, mask, bias, decode)
+    else:
+      if decode:
+        k, v, mask = self._cached(k, v, mask)
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
+                                         implementation=cfg.attention_impl)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
     return Projection(cfg, (cfg.d_model,), ('heads', 'head_dim'), ('embed',),
                       use_bias=cfg.use_bias, name='out')(out)
+
+  def _pallas(self, q, k, v, mask, bias, decode):
+    """The splash kernel, which covers self-attention over packed segments without a bias."""
+    cfg = self.cfg
+    unsupported = ('decodes from a KV cache' if decode else
+                   'adds a logits bias (relative positions)' if bias is not None else
+                   'has a dense mask (T5)' if not isinstance(mask, SegmentMask) else None)
+    if unsupported:
+      raise ValueError(f'model.attention_impl={cfg.attention_impl!r} covers decoder and encoder '
+                       f"self-attention over packed segments; this layer {unsupported}: use 'xla'.")
+    return splash_attention(q, k, v, mask.q_segment_ids, mask.kv_segment_ids, causal=mask.causal,
+                            scale=self.scale, requested_block=cfg.attention_block_size,
+                            interpret=cfg.attention_impl == 'pallas_interpret')
 
   def _cached(self, k, v, mask):
     """Keys/values (and mask) to attend to in decode mode, updating the 'cache' collection."""

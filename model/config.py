@@ -38,7 +38,8 @@ class ModelConfig:
   param_dtype: str = 'float32'    # storage dtype of parameters (and optimizer moments)
   scan_layers: bool = True        # nn.scan over layers (one compiled layer) or unrolled
   remat_policy: str = 'none'      # rematerialisation: 'none' | 'full' | 'dots' | 'dots_no_batch'
-  attention_impl: str = 'xla'     # jax.nn.dot_product_attention implementation: 'xla' | 'cudnn'
+  attention_impl: str = 'xla'     # 'xla' | 'cudnn' (GPU) | 'pallas' (TPU) | 'pallas_interpret'
+  attention_block_size: int = 512  # pallas: query/key tile, a multiple of 128 (gcd with length)
   dropout_rate: float = 0.0       # residual dropout while training
   num_experts: int = 0            # MoE: routed experts per MoE layer; 0 = dense model
   num_experts_per_tok: int = 2    # MoE: experts each token is routed to (top-k)

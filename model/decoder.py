@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.attention import Attention, attention_mask
+from model.attention import Attention, layer_mask
 from model.config import ModelConfig
 from model.layers import MLP, Embed, Projection, RMSNorm
 from model.moe import MOE_COLLECTION, MoE
@@ -95,7 +95,7 @@ class Decoder(nn.Module):
     cfg = self.cfg
     embed = Embed(cfg, name='embed')
     x = embed(inputs)
-    mask = attention_mask(segment_ids, segment_ids, causal=True)
+    mask = layer_mask(cfg, segment_ids, segment_ids, causal=True)
     if cfg.num_experts:
       # Leading dense layers and the MoE blocks are two scans, so every pattern compiles once.
       dense, blocks = moe_layout(cfg)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.attention import Attention, attention_mask
+from model.attention import Attention, layer_mask
 from model.config import ModelConfig
 from model.decoder import layer_stack
 from model.layers import MLP, Embed, Projection, RMSNorm
@@ -70,7 +70,7 @@ class Encoder(nn.Module):
     check_positions(cfg)
     embed = self.shared_embed if self.shared_embed is not None else Embed(cfg, name='embed')
     x = nn.Dropout(cfg.dropout_rate)(embed(inputs), deterministic=deterministic)
-    mask = attention_mask(segment_ids, segment_ids, causal=False)
+    mask = layer_mask(cfg, segment_ids, segment_ids, causal=False)
     bias = None
     if cfg.position_embedding == 'relative':
       bias = RelativePositionBias(cfg, bidirectional=True, name='relpos')(positions, positions)
