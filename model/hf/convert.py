@@ -83,7 +83,9 @@ def load_params(folder: str, cfg: ModelConfig, shardings: Any = None,
   ckpt = safetensors_io.Checkpoint(folder, allow_pickle)
   names = ckpt.names()
   hf = read_hf_config(folder)
-  tied = hf.get('tie_word_embeddings', False) or 'lm_head.weight' not in names
+  # transformers 5 writes tie_word_embeddings=true for every T5, yet uses a saved lm_head.
+  tied = ('lm_head.weight' not in names
+          or hf.get('tie_word_embeddings', False) and hf.get('model_type') != 't5')
   fused = any(n.endswith('experts.gate_up_proj') for n in names)
   abstract = abstract_params(cfg)
   if shardings is None:

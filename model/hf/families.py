@@ -39,12 +39,22 @@ def _unsupported(hf: dict, path: str) -> None:
     raise ValueError(f'{path}: use_sliding_window=true is not supported (full attention only).')
 
 
-# Gated T5 v1.1 ('gated-gelu') imports with logits unequal to transformers': refused until fixed.
-T5_FEED_FORWARD = {'relu': 'relu'}
+# HF feed_forward_proj -> activation ('gated-gelu' runs gelu_new, the tanh approximation).
+T5_FEED_FORWARD = {'relu': 'relu', 'gated-gelu': 'geglu'}
+
+
+def t5_rescales_logits(hf: dict) -> bool:
+  """Whether a T5 config.json rescales logits by 1/sqrt(d_model) (original T5; v1.1 does not).
+
+  transformers 5 writes tie_word_embeddings=true for every T5 and says this in
+  `scale_decoder_outputs`; older configs of v1.1 say tie_word_embeddings=false.
+  """
+  return hf.get('scale_decoder_outputs', hf.get('tie_word_embeddings', True) is not False)
 
 
 def t5_model_config(hf: dict, path: str) -> ModelConfig:
-  """Original T5 (relu feed-forward, tied embeddings with rescaled logits)."""
+  """Original T5 (relu, tied embedding, logits rescaled) or T5 v1.1 (gated-GELU, no rescale:
+  an lm_head, read from lm_head.weight or, where the folder has none, the shared embedding)."""
   ff = hf.get('feed_forward_proj', 'relu')
   if ff not in T5_FEED_FORWARD:
     raise ValueError(f'{path}: feed_forward_proj={ff!r} is not supported; supported: '
@@ -58,7 +68,7 @@ def t5_model_config(hf: dict, path: str) -> ModelConfig:
       norm_eps=hf.get('layer_norm_epsilon', 1e-6), position_embedding='relative',
       relative_buckets=hf.get('relative_attention_num_buckets', 32),
       relative_max_distance=hf.get('relative_attention_max_distance', 128),
-      scale_attention=False, tie_embeddings=hf.get('tie_word_embeddings', True))
+      scale_attention=False, tie_embeddings=t5_rescales_logits(hf))
 
 
 def model_config(hf: dict, path: str = 'config.json', **overrides) -> ModelConfig:
@@ -141,8 +151,9 @@ def t5_hf_config(cfg: ModelConfig, dtype: str) -> dict:
       d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim, num_heads=cfg.num_heads,
       num_layers=cfg.num_encoder_layers or cfg.num_layers,
       num_decoder_layers=cfg.num_decoder_layers or cfg.num_layers,
-      feed_forward_proj=ff[cfg.activation], dense_act_fn='relu', is_gated_act=False,
+      feed_forward_proj=ff[cfg.activation],
       layer_norm_epsilon=cfg.norm_eps, relative_attention_num_buckets=cfg.relative_buckets,
       relative_attention_max_distance=cfg.relative_max_distance,
-      tie_word_embeddings=cfg.tie_embeddings, is_encoder_decoder=True, decoder_start_token_id=0,
+      tie_word_embeddings=cfg.tie_embeddings, scale_decoder_outputs=cfg.tie_embeddings,
+      is_encoder_decoder=True, decoder_start_token_id=0,
       pad_token_id=0, eos_token_id=1, torch_dtype=dtype, dtype=dtype)

@@ -136,14 +136,17 @@ def t5_layer_rules(cfg: ModelConfig, stack: str) -> dict[tuple, Rule]:
   return rules
 
 
-def t5_global_rules() -> dict[tuple, Rule]:
+def t5_global_rules(tied: bool) -> dict[tuple, Rule]:
+  """Embedding, final norms, relative position tables and the lm_head (from the embedding
+  when the folder has no lm_head.weight)."""
   bias = lambda stack: f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight'
   return {('embed', 'embedding'): _identity(lambda i: 'shared.weight'),
           ('encoder', 'final_norm', 'scale'): _identity(lambda i: 'encoder.final_layer_norm.weight'),
           ('decoder', 'final_norm', 'scale'): _identity(lambda i: 'decoder.final_layer_norm.weight'),
           ('encoder', 'relpos', 'rel_embedding'): _identity(lambda i: bias('encoder')),
           ('decoder', 'relpos', 'rel_embedding'): _identity(lambda i: bias('decoder')),
-          ('decoder', 'lm_head', 'kernel'): _linear(lambda i: 'lm_head.weight')}
+          ('decoder', 'lm_head', 'kernel'): _linear(
+              lambda i: 'shared.weight' if tied else 'lm_head.weight')}
 
 
 def resolve(path: tuple, cfg: ModelConfig, tied: bool = False, fused_experts: bool = False
@@ -155,7 +158,7 @@ def resolve(path: tuple, cfg: ModelConfig, tied: bool = False, fused_experts: bo
     if match:
       rules, inner = t5_layer_rules(cfg, path[0]), path[2:]
     else:
-      rules, inner = t5_global_rules(), path
+      rules, inner = t5_global_rules(tied), path
   else:
     match = LAYER_KEY.match(path[0])
     rules, inner = global_rules(tied), path
