@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out (Llama 1/2/3, Mistral, Qwen2/2.5, Mixtral).
+"""Hugging Face checkpoints in and out (Llama 1/2/3, Mistral, Qwen2/2.5, Mixtral, original
+T5; BERT/RoBERTa in only).
 
 `load_config(folder)` -> ModelConfig; `load_params(folder, cfg, shardings)` -> params placed
 tensor by tensor in their shardings; `export(folder, cfg, params)` writes a folder that

@@ -87,16 +87,20 @@ def load_params(folder: str, cfg: ModelConfig, shardings: Any = None,
   tied = ('lm_head.weight' not in names
           or hf.get('tie_word_embeddings', False) and hf.get('model_type') != 't5')
   fused = any(n.endswith('experts.gate_up_proj') for n in names)
+  model_type = hf.get('model_type', '')
+  # BertForMaskedLM nests the encoder under 'bert.'; BertModel folders do not.
+  prefix = f'{model_type}.' if f'{model_type}.embeddings.word_embeddings.weight' in names else ''
+  rule_of = lambda path: resolve(_key(path), cfg, tied, fused, prefix, model_type)
   abstract = abstract_params(cfg)
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
   leaves = jax.tree_util.tree_leaves_with_path(abstract)
-  plans = [(_key(path), leaf, resolve(_key(path), cfg, tied, fused)) for path, leaf in leaves]
+  plans = [(_key(path), leaf, rule_of(path)) for path, leaf in leaves]
   _check(ckpt, plans, cfg, folder)
 
   def load_one(path, leaf, sharding):
-    kind, layer, rule = resolve(_key(path), cfg, tied, fused)
+    kind, layer, rule = rule_of(path)
     dtype = np.dtype(leaf.dtype)
 
     def read(i):
@@ -162,7 +166,9 @@ ARCHITECTURE = ('family', 'vocab_size', 'd_model', 'num_layers', 'num_heads', 'n
                 'head_dim', 'mlp_dim', 'activation', 'norm_eps', 'rope_theta', 'rope_scaling',
                 'rope_scaling_factor', 'rope_low_freq_factor', 'rope_high_freq_factor',
                 'rope_original_max_len', 'tie_embeddings', 'qkv_bias', 'num_experts',
-                'num_experts_per_tok', 'router_score', 'renormalize')
+                'num_experts_per_tok', 'router_score', 'renormalize', 'norm_type', 'use_bias',
+                'position_embedding', 'max_positions', 'position_offset', 'type_vocab_size',
+                'embed_norm', 'norm_position', 'mlm_head')
 INIT_SCHEMES = {'hf': False, 'hf_pickle': True}   # init_from scheme -> allow_pickle
 
 
@@ -184,8 +190,9 @@ def init_params(init_from: str, cfg: ModelConfig, shardings: Any) -> Any:
 
 
 def export(folder: str, cfg: ModelConfig, params: Any, dtype: str = 'float32') -> None:
-  """Writes `params` of a decoder (dense or Mixtral-style MoE) as a Hugging Face folder:
-  config.json and safetensors shards (+ index) that transformers loads unchanged."""
+  """Writes `params` of a decoder (dense or Mixtral-style MoE) or original T5 as a Hugging Face
+  folder: config.json and safetensors shards (+ index) that transformers loads unchanged."""
+  config = hf_config(cfg, dtype)   # first: an unsupported model fails before anything is written
   os.makedirs(folder, exist_ok=True)
   np_dtype = np.dtype(jnp.dtype(dtype))
   shards, current, size = [], {}, 0
@@ -220,4 +227,4 @@ def export(folder: str, cfg: ModelConfig, params: Any, dtype: str = 'float32') -
     with open(os.path.join(folder, safetensors_io.INDEX), 'w') as f:
       json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
   with open(os.path.join(folder, 'config.json'), 'w') as f:
-    json.dump(hf_config(cfg, dtype), f, indent=2)
+    json.dump(config, f, indent=2)

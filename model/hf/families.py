@@ -6,7 +6,11 @@ from model.config import ModelConfig
 
 DECODERS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
             'qwen2': 'Qwen2ForCausalLM', 'mixtral': 'MixtralForCausalLM'}
-SUPPORTED = (*DECODERS, 't5')
+ENCODERS = ('bert', 'roberta')
+SUPPORTED = (*DECODERS, 't5', *ENCODERS)
+# Architectures whose folder holds the masked-LM head (others import the encoder alone).
+MLM_ARCHITECTURES = ('BertForMaskedLM', 'BertForPreTraining', 'RobertaForMaskedLM')
+ENCODER_ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'relu': 'relu'}
 
 
 def _rope(hf: dict) -> tuple[float, dict]:
@@ -71,6 +75,39 @@ def t5_model_config(hf: dict, path: str) -> ModelConfig:
       scale_attention=False, tie_embeddings=t5_rescales_logits(hf))
 
 
+def encoder_model_config(hf: dict, path: str) -> ModelConfig:
+  """BERT / RoBERTa: post-LayerNorm encoder, learned absolute positions (RoBERTa's start after
+  its padding id), token types, biases everywhere, and the MLM head when the folder has one
+  (BertModel folders have none: their logits come from the tied embedding, a new head)."""
+  kind, act = hf['model_type'], hf.get('hidden_act', 'gelu')
+  positions = hf.get('position_embedding_type', 'absolute')
+  mlm = any(a in MLM_ARCHITECTURES for a in hf.get('architectures') or ())
+  problems = []
+  if act not in ENCODER_ACTIVATIONS:
+    problems.append(f'hidden_act={act!r} (supported: {sorted(ENCODER_ACTIVATIONS)})')
+  if kind == 'roberta' and mlm and act != 'gelu':
+    problems.append(f"hidden_act={act!r} with RoBERTa's MLM head (always exact gelu)")
+  if positions != 'absolute':
+    problems.append(f'position_embedding_type={positions!r} (only absolute)')
+  if not hf.get('tie_word_embeddings', True):
+    problems.append('tie_word_embeddings=false (the MLM decoder must be the word embedding)')
+  if hf.get('is_decoder') or hf.get('add_cross_attention'):
+    problems.append('is_decoder/add_cross_attention (encoder only)')
+  if problems:
+    raise ValueError(f'{path}: {kind} options not supported: ' + '; '.join(problems) + '.')
+  heads = hf['num_attention_heads']
+  return ModelConfig(
+      family='encoder', vocab_size=hf['vocab_size'], d_model=hf['hidden_size'],
+      num_layers=hf['num_hidden_layers'], num_heads=heads, num_kv_heads=heads,
+      head_dim=hf['hidden_size'] // heads, mlp_dim=hf['intermediate_size'],
+      activation=ENCODER_ACTIVATIONS[act], norm_eps=hf.get('layer_norm_eps', 1e-12),
+      norm_type='layernorm', norm_position='post', use_bias=True, position_embedding='learned',
+      max_positions=hf['max_position_embeddings'],
+      position_offset=hf.get('pad_token_id', 1) + 1 if kind == 'roberta' else 0,
+      type_vocab_size=hf.get('type_vocab_size', 2), embed_norm=True, mlm_head=mlm,
+      tie_embeddings=not mlm)
+
+
 def model_config(hf: dict, path: str = 'config.json', **overrides) -> ModelConfig:
   """ModelConfig equal in function to the Hugging Face `hf` config dict.
 
@@ -80,6 +117,8 @@ def model_config(hf: dict, path: str = 'config.json', **overrides) -> ModelConfi
   kind = hf.get('model_type')
   if kind == 't5':
     return dataclasses.replace(t5_model_config(hf, path), **overrides)
+  if kind in ENCODERS:
+    return dataclasses.replace(encoder_model_config(hf, path), **overrides)
   if kind not in DECODERS:
     raise ValueError(f'{path}: model_type={kind!r} is not supported; supported families: '
                      f'{sorted(SUPPORTED)}.')
@@ -106,7 +145,8 @@ def hf_config(cfg: ModelConfig, dtype: str = 'float32') -> dict:
   if cfg.family == 't5':
     return t5_hf_config(cfg, dtype)
   if cfg.family != 'decoder':
-    raise ValueError(f'Export supports the decoder family, not model.family={cfg.family!r}.')
+    raise ValueError(f'Export supports the decoder and t5 families, not model.family='
+                     f'{cfg.family!r} (BERT/RoBERTa encoders are import only).')
   if cfg.activation != 'swiglu' or cfg.tie_embeddings:
     raise ValueError('Export needs model.activation=swiglu and model.tie_embeddings=False '
                      '(the Llama layout).')

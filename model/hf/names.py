@@ -149,16 +149,64 @@ def t5_global_rules(tied: bool) -> dict[tuple, Rule]:
               lambda i: 'shared.weight' if tied else 'lm_head.weight')}
 
 
-def resolve(path: tuple, cfg: ModelConfig, tied: bool = False, fused_experts: bool = False
+def encoder_layer_rules(cfg: ModelConfig, prefix: str) -> dict[tuple, Rule]:
+  """One BERT/RoBERTa layer: HF `{prefix}encoder.layer.{i}` (post-LayerNorm, biased)."""
+  h, hd = cfg.num_heads, cfg.head_dim
+  p = lambda rest: (lambda i: f'{prefix}encoder.layer.{i}.{rest}')
+  rules = {('attn', 'out', 'kernel'): _heads_out(p('attention.output.dense.weight'), h, hd),
+           ('attn', 'out', 'bias'): _identity(p('attention.output.dense.bias')),
+           ('attn_norm', 'scale'): _identity(p('attention.output.LayerNorm.weight')),
+           ('attn_norm', 'bias'): _identity(p('attention.output.LayerNorm.bias')),
+           ('mlp', 'wi', 'kernel'): _linear(p('intermediate.dense.weight')),
+           ('mlp', 'wi', 'bias'): _identity(p('intermediate.dense.bias')),
+           ('mlp', 'wo', 'kernel'): _linear(p('output.dense.weight')),
+           ('mlp', 'wo', 'bias'): _identity(p('output.dense.bias')),
+           ('mlp_norm', 'scale'): _identity(p('output.LayerNorm.weight')),
+           ('mlp_norm', 'bias'): _identity(p('output.LayerNorm.bias'))}
+  for name in ('query', 'key', 'value'):
+    rules[('attn', name, 'kernel')] = _heads_in(p(f'attention.self.{name}.weight'), h, hd)
+    rules[('attn', name, 'bias')] = _heads_bias(p(f'attention.self.{name}.bias'), h, hd)
+  return rules
+
+
+# HF names of the MLM head's dense, its LayerNorm and the decoder bias, per model_type.
+MLM_HEADS = {'bert': ('cls.predictions.transform.dense', 'cls.predictions.transform.LayerNorm',
+                      'cls.predictions.bias'),
+             'roberta': ('lm_head.dense', 'lm_head.layer_norm', 'lm_head.bias')}
+
+
+def encoder_global_rules(prefix: str, model_type: str) -> dict[tuple, Rule]:
+  """Embeddings (words, positions, token types, their LayerNorm) and the MLM head."""
+  e = lambda rest: _identity(lambda i: f'{prefix}embeddings.{rest}')
+  dense, norm, bias = MLM_HEADS[model_type]
+  return {('embed', 'embedding'): e('word_embeddings.weight'),
+          ('encoder', 'pos_embed', 'embedding'): e('position_embeddings.weight'),
+          ('encoder', 'type_embed', 'embedding'): e('token_type_embeddings.weight'),
+          ('encoder', 'embed_norm', 'scale'): e('LayerNorm.weight'),
+          ('encoder', 'embed_norm', 'bias'): e('LayerNorm.bias'),
+          ('mlm_head', 'dense', 'kernel'): _linear(lambda i: f'{dense}.weight'),
+          ('mlm_head', 'dense', 'bias'): _identity(lambda i: f'{dense}.bias'),
+          ('mlm_head', 'norm', 'scale'): _identity(lambda i: f'{norm}.weight'),
+          ('mlm_head', 'norm', 'bias'): _identity(lambda i: f'{norm}.bias'),
+          ('mlm_head', 'bias'): _identity(lambda i: bias)}
+
+
+def resolve(path: tuple, cfg: ModelConfig, tied: bool = False, fused_experts: bool = False,
+            prefix: str = '', model_type: str = 'bert'
             ) -> tuple[Optional[str], Optional[int], Rule]:
   """(kind, layer, rule) for a seedling parameter path: kind 'scanned' (leading layer axis),
-  'layer' (unrolled layer `layer`) or None (global)."""
-  if cfg.family == 't5':
+  'layer' (unrolled layer `layer`) or None (global). Encoders read the HF names of
+  `model_type` under `prefix` ('bert.' in BertForMaskedLM folders, '' in BertModel ones)."""
+  if cfg.family in ('t5', 'encoder'):
     match = LAYER_KEY.match(path[1]) if len(path) > 1 else None
-    if match:
+    if match and cfg.family == 'encoder':
+      rules, inner = encoder_layer_rules(cfg, prefix), path[2:]
+    elif match:
       rules, inner = t5_layer_rules(cfg, path[0]), path[2:]
     else:
-      rules, inner = t5_global_rules(tied), path
+      rules = (encoder_global_rules(prefix, model_type) if cfg.family == 'encoder'
+               else t5_global_rules(tied))
+      inner = path
   else:
     match = LAYER_KEY.match(path[0])
     rules, inner = global_rules(tied), path
@@ -177,5 +225,6 @@ def resolve(path: tuple, cfg: ModelConfig, tied: bool = False, fused_experts: bo
     layer = None if match.group(2) is None else int(match.group(2))
   if inner not in rules:
     raise ValueError(f'Parameter {"/".join(path)} has no Hugging Face counterpart; the '
-                     'converter covers the Llama/Qwen2/Mistral/Mixtral and T5 layouts.')
+                     'converter covers the Llama/Qwen2/Mistral/Mixtral, T5 and BERT/RoBERTa '
+                     'layouts.')
   return kind, layer, rules[inner]
