@@ -87,10 +87,14 @@ class Attention(nn.Module):
     if cfg.num_heads % cfg.num_kv_heads:
       raise ValueError(f'model.num_heads={cfg.num_heads} must be a multiple of '
                        f'model.num_kv_heads={cfg.num_kv_heads}.')
-    proj = lambda heads, axis, name, x: Projection(
+    proj = lambda heads, axis, name, x, init_scale=1.0: Projection(
         cfg, (heads, cfg.head_dim), ('embed',), (axis, 'head_dim'),
-        use_bias=cfg.qkv_bias or cfg.use_bias, name=name)(x)
-    q = proj(cfg.num_heads, 'heads', 'query', x_q)
+        use_bias=cfg.qkv_bias or cfg.use_bias, init_scale=init_scale, name=name)(x)
+    # A logit multiplier other than 1/sqrt(head_dim) is folded into the query init so initial
+    # logits have the usual scale: unscaled T5 gets q stddev (d_model * head_dim)^-0.5, as
+    # Mesh TensorFlow and T5X initialise it (keys/values/out keep fan-in init).
+    q_init = 1.0 if self.scale is None else 1.0 / (cfg.head_dim * self.scale ** 2)
+    q = proj(cfg.num_heads, 'heads', 'query', x_q, q_init)
     if self.use_rope:
       q = apply_rope(q, positions_q, cfg.rope_theta, rope_scaling(cfg))
     if decode and self.cross_cache and self.has_variable('cache', 'cached_key'):

@@ -19,11 +19,11 @@ ACTIVATIONS = {'swiglu': (jax.nn.silu, True), 'geglu': (jax.nn.gelu, True),
                'gelu_exact': (functools.partial(jax.nn.gelu, approximate=False), False)}
 
 
-def kernel_init(axes: Sequence[str], fan_in_axes: int = 1):
-  """Fan-in variance-scaled truncated normal for a kernel whose first `fan_in_axes` dims are
-  contracted, annotated with logical `axes`."""
+def kernel_init(axes: Sequence[str], fan_in_axes: int = 1, scale: float = 1.0):
+  """Truncated normal of variance `scale` / fan-in for a kernel whose first `fan_in_axes` dims
+  are contracted, annotated with logical `axes`."""
   init = nn.initializers.variance_scaling(
-      1.0, 'fan_in', 'truncated_normal', in_axis=tuple(range(fan_in_axes)),
+      scale, 'fan_in', 'truncated_normal', in_axis=tuple(range(fan_in_axes)),
       out_axis=tuple(range(fan_in_axes, len(axes))))
   return nn.with_logical_partitioning(init, tuple(axes))
 
@@ -78,13 +78,14 @@ class Projection(nn.Module):
   in_axes: tuple[str, ...]
   out_axes: tuple[str, ...]
   use_bias: bool = False
+  init_scale: float = 1.0   # kernel init variance = init_scale / fan-in
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = len(self.in_axes)
     shape = x.shape[-n_in:] + tuple(self.features)
-    kernel = self.param('kernel', kernel_init(self.in_axes + self.out_axes, n_in), shape,
-                        self.cfg.weight_dtype)
+    kernel = self.param('kernel', kernel_init(self.in_axes + self.out_axes, n_in,
+                                              self.init_scale), shape, self.cfg.weight_dtype)
     dtype = self.cfg.compute_dtype
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))

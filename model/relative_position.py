@@ -44,7 +44,9 @@ class RelativePositionBias(nn.Module):
     cfg = self.cfg
     table = self.param(
         'rel_embedding',
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), ('relpos_buckets', 'heads')),
+        # As T5X initialises it: uniform with variance 2 / (buckets + heads).
+        nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
+                                     ('relpos_buckets', 'heads')),
         (cfg.relative_buckets, cfg.num_heads), cfg.weight_dtype)
     buckets = relative_position_bucket(
         positions_kv[:, None, :] - positions_q[:, :, None], bidirectional=self.bidirectional,
