@@ -30,6 +30,8 @@ def train_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 10         # metrics.jsonl / TensorBoard / progress-bar cadence
   c.eval_every_steps = 0         # evaluation cadence on the eval split; 0 disables it
   c.eval_batches = 4             # batches per evaluation
+  c.eval_decode_batches = 0      # encoder-decoder: eval batches also decoded greedily and scored
+  c.eval_decode_len = 0          # encoder-decoder eval decoding: tokens per example; 0 = decoder len
   return c
 
 

@@ -1,7 +1,7 @@
 """The objective contract every loss function in train/ and align/ fulfils."""
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,3 +14,6 @@ class Objective:
   """
   loss_fn: Callable   # (params, batch, rng, *, train: bool) -> {name: (sum, count)}
   init_fn: Callable   # rng -> logically boxed params for the model this objective feeds
+  # (params, batch, rng) -> {name: (sum, count)} of greedy decoding against the targets;
+  # encoder–decoder objectives only (train.eval_decode_batches).
+  decode_fn: Optional[Callable] = None
