@@ -57,16 +57,33 @@ class Experiment:
     return self.partitioner.jit(make_eval_step(self.objective),
                                 in_shardings=(param_shardings, self.partitioner.batch_sharding))
 
+  def jit_decode_step(self, param_shardings):
+    """(params, batch) -> greedy-decoding metrics of the objective's `decode_fn`."""
+    if self.objective.decode_fn is None:
+      raise ValueError(f'train.eval_decode_batches={self.config.train.eval_decode_batches} '
+                       f'needs an encoder-decoder objective (span_corruption, prefix_lm), not '
+                       f'objective.name={self.config.objective.name!r}; set it to 0.')
+    # key(0): the eval step's RNG, so prefix-LM decodes the split whose loss is reported.
+    step = lambda params, batch: self.objective.decode_fn(params, batch, jax.random.key(0))
+    return self.partitioner.jit(step, in_shardings=(param_shardings,
+                                                    self.partitioner.batch_sharding))
 
-def _evaluate(exp: Experiment, eval_step, params) -> dict:
-  """Mean metrics over the first `train.eval_batches` batches of the eval split."""
+
+def _evaluate(exp: Experiment, eval_step, params, decode_step=None) -> dict:
+  """Mean metrics over the first `train.eval_batches` batches of the eval split, and with
+  `decode_step` its metrics over the first `train.eval_decode_batches` batches."""
+  c = exp.config.train
   pipeline = build_pipeline(exp.config, exp.partitioner.batch_sharding, split='test',
                             model_vocab_size=exp.model_cfg.vocab_size)
-  total = None
-  for _, batch in zip(range(exp.config.train.eval_batches), pipeline):
-    metrics = eval_step(params, batch)
-    total = metrics if total is None else jax.tree.map(lambda a, b: a + b, total, metrics)
-  return {f'eval_{k}': v for k, v in summarize(total).items()}
+  decode_batches = c.eval_decode_batches if decode_step is not None else 0
+  accumulate = lambda total, m: m if total is None else jax.tree.map(lambda a, b: a + b, total, m)
+  losses = decoded = None
+  for i, batch in zip(range(max(c.eval_batches, decode_batches)), pipeline):
+    if i < c.eval_batches:
+      losses = accumulate(losses, eval_step(params, batch))
+    if i < decode_batches:
+      decoded = accumulate(decoded, decode_step(params, batch))
+  return {f'eval_{k}': v for k, v in summarize({**(losses or {}), **(decoded or {})}).items()}
 
 
 def train(config, workdir: str) -> TrainState:
@@ -101,6 +118,8 @@ def train(config, workdir: str) -> TrainState:
 
   train_step = exp.jit_train_step(shardings)
   eval_step = exp.jit_eval_step(shardings.params) if c.train.eval_every_steps > 0 else None
+  decode_step = (exp.jit_decode_step(shardings.params)
+                 if eval_step is not None and c.train.eval_decode_batches > 0 else None)
   tokens_per_step = c.train.batch_size * c.data.seq_len
   decoder_len = target_length(c) if c.data.task == 'span_corruption' else 0   # encoder–decoder
   model_flops = flops_per_token(exp.model_cfg, c.data.seq_len, decoder_len)
@@ -122,7 +141,8 @@ def train(config, workdir: str) -> TrainState:
         values.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * model_flops / peak)
         timer, timed_steps = time.perf_counter(), 0
       if eval_step is not None and done % c.train.eval_every_steps == 0:
-        values.update(_evaluate(exp, eval_step, state.params))
+        values.update(_evaluate(exp, eval_step, state.params, decode_step))
+        timer = time.perf_counter()   # evaluation (and its compile) is not training throughput
       writer.write(done, values)
     if ckpt.should_save(done) or done == c.train.steps:
       ckpt.save(done, state, pipeline.get_state(), force=True)
