@@ -80,7 +80,6 @@ def random_batch(config, sharding, seed: int = 0) -> dict:
 def time_train_step(config, steps: int, warmup: int) -> dict:
   """Compiles and times `config`'s train step on the current devices; returns the JSON fields."""
   import jax
-  from model.flops import flops_per_token
   from train.hardware import peak_flops
   from train.trainer import Experiment
 
@@ -101,7 +100,7 @@ def time_train_step(config, steps: int, warmup: int) -> dict:
   step_s = statistics.median(times)
   tokens = config.train.batch_size * config.data.seq_len
   try:
-    fpt = flops_per_token(exp.model_cfg, config.data.seq_len)
+    fpt = exp.flops_per_token()
   except ValueError:   # families without a FLOPs formula still get times and memory
     fpt = None
   mem = compiled.memory_analysis()

@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 
 from data.pipeline import batch_spec
-from model.flops import flops_per_token
 from train.hardware import device_memory
 from train.trainer import Experiment
 
@@ -78,7 +77,7 @@ def plan(config, device: Optional[str] = None) -> dict:
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes)
   try:
-    fpt = flops_per_token(exp.model_cfg, config.data.seq_len)
+    fpt = exp.flops_per_token()
   except ValueError:   # a family without a FLOPs formula still gets its memory plan
     fpt = None
   out = {

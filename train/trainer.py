@@ -57,6 +57,13 @@ class Experiment:
     return self.partitioner.jit(make_eval_step(self.objective),
                                 in_shardings=(param_shardings, self.partitioner.batch_sharding))
 
+  def flops_per_token(self) -> float:
+    """Model training FLOPs per (encoder) token at the config's lengths (model/flops.py): span
+    corruption's decoder length counts; prefix-LM's decoder spans the whole row."""
+    c = self.config
+    decoder_len = target_length(c) if c.data.task == 'span_corruption' else 0
+    return flops_per_token(self.model_cfg, c.data.seq_len, decoder_len)
+
   def jit_decode_step(self, param_shardings):
     """(params, batch) -> greedy-decoding metrics of the objective's `decode_fn`."""
     if self.objective.decode_fn is None:
@@ -121,8 +128,7 @@ def train(config, workdir: str) -> TrainState:
   decode_step = (exp.jit_decode_step(shardings.params)
                  if eval_step is not None and c.train.eval_decode_batches > 0 else None)
   tokens_per_step = c.train.batch_size * c.data.seq_len
-  decoder_len = target_length(c) if c.data.task == 'span_corruption' else 0   # encoder–decoder
-  model_flops = flops_per_token(exp.model_cfg, c.data.seq_len, decoder_len)
+  model_flops = exp.flops_per_token()
   peak = peak_flops(exp.partitioner.mesh.devices.flat)
   writer = MetricsWriter(workdir, c.train.steps, start, is_main)
   timer, timed_steps = None, 0
