@@ -52,6 +52,8 @@ class ModelConfig:
   routed_scaling: float = 1.0     # MoE: factor on the routed experts' combined output
   moe_dispatch: str = 'dropless'  # MoE: 'dropless' (grouped matmul) | 'capacity' (drops overflow)
   capacity_factor: float = 1.25   # MoE capacity dispatch: slots per expert / (k * tokens / experts)
+  moe_grouped_matmul: str = 'auto'  # MoE dropless: ragged_dot | blocked | auto (GPU/TPU: ragged)
+  moe_block_size: int = 64        # MoE 'blocked': rows per matmul; expert rows pad to a multiple
   load_balance_loss: float = 0.01  # MoE: coefficient of the Switch load-balancing loss
   router_z_loss: float = 0.001    # MoE: coefficient of the router z-loss
   router_bias_update_rate: float = 0.0  # MoE: DeepSeek-V3 aux-loss-free bias step; 0 = off
