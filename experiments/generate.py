@@ -5,40 +5,37 @@
 
   python -m experiments.generate --hf=/path/to/folder --prompt='Hello' --max_new_tokens=20
 
-Greedy decoding recomputes the whole (fixed-length) window each step: one compile, simple and
-exact, quadratic in length. It is meant for checks and demos, not serving.
+Generation decodes from the KV cache (model.decoding.decoder_generate) in one function jitted
+by the Partitioner: the left-padded prompts are prefilled once, then one token per step,
+greedy or sampled.
 """
 
 import dataclasses
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from data.hf_tokenizer import load_hf_tokenizer
 from model import build_model
 from model.config import ModelConfig
+from model.decoding import decoder_generate
 from model.hf import load_config, load_params
 from train.sharding import Partitioner, make_mesh
 
 
-def greedy(model, params, prompt: jax.Array, lengths: jax.Array, steps: int) -> jax.Array:
-  """Extends each row of `prompt` [B, L] (left-aligned, `lengths` real tokens, L >= max
-  length + steps) by `steps` argmax tokens; returns the new tokens [B, steps]."""
-  rows, window = prompt.shape
-  positions = jnp.broadcast_to(jnp.arange(window), prompt.shape)
+def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """(batch [B, longest] with each prompt at the end of its row, lengths [B]).
 
-  def body(i, tokens):
-    at = lengths + i                                      # where this step writes, per row
-    segments = (positions < at[:, None]).astype(jnp.int32)
-    logits = model.apply({'params': params}, tokens, positions, segments)
-    last = jnp.take_along_axis(logits, (at - 1)[:, None, None], axis=1)[:, 0]
-    return tokens.at[jnp.arange(rows), at].set(jnp.argmax(last, -1).astype(tokens.dtype))
-
-  tokens = jax.lax.fori_loop(0, steps, body, prompt)
-  return jax.vmap(lambda row, n: jax.lax.dynamic_slice(row, (n,), (steps,)))(tokens, lengths)
+  Padding is id 0: any in-vocabulary id works, as padding slots are masked out."""
+  if not prompts or not all(len(p) for p in prompts):
+    raise ValueError('generate: every prompt needs at least one token (e.g. the bos id).')
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  batch = np.zeros((len(prompts), lengths.max()), np.int32)
+  for row, p in zip(batch, prompts):
+    row[len(row) - len(p):] = p
+  return batch, lengths
 
 
 @dataclasses.dataclass
@@ -57,35 +54,34 @@ class HFModel:
     shape = {'data': 1, 'fsdp': -1, 'tensor': 1, 'expert': 1, **(mesh or {})}
     partitioner = Partitioner(make_mesh(shape))
     model = build_model(cfg)
-    ids = jnp.zeros((1, 1), jnp.int32)
+    ids = np.zeros((1, 1), np.int32)
     _, shardings = partitioner.abstract(
         lambda r: model.init(r, ids, ids, ids + 1)['params'], jax.random.key(0))
     return cls(cfg, load_params(folder, cfg, shardings), load_hf_tokenizer(folder), partitioner)
 
-  def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of token-id prompts, each cut after the tokenizer's eos."""
-    window = max(len(p) for p in prompts) + max_new_tokens
-    batch = np.full((len(prompts), window), self.tokenizer.pad_id, np.int32)
-    for row, p in zip(batch, prompts):
-      row[:len(p)] = p
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    model = build_model(self.cfg)
-    run = self.partitioner.jit(lambda p, b, n: greedy(model, p, b, n, max_new_tokens))
-    out = np.asarray(run(self.params, batch, lengths))
-    eos = self.tokenizer.eos_id
-    return [row[:list(row).index(eos) + 1] if eos in row else list(row) for row in out.tolist()]
+  def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Continuations of token-id prompts (greedy at temperature 0, else sampled with `seed`),
+    each cut after the tokenizer's eos."""
+    batch, lengths = left_pad(prompts)
+    model, eos = build_model(self.cfg), self.tokenizer.eos_id
+    run = self.partitioner.jit(lambda p, b, n, r: decoder_generate(
+        model, p, b, n, r, steps=max_new_tokens, temperature=temperature, eos_id=eos)[0])
+    out = np.asarray(run(self.params, batch, lengths, jax.random.key(seed)))
+    return [row[:row.index(eos) + 1] if eos in row else row for row in out.tolist()]
 
-  def complete(self, prompt: str, max_new_tokens: int = 32) -> str:
-    """Greedy text continuation of `prompt` (bos first when the tokenizer has one)."""
+  def complete(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0) -> str:
+    """Text continuation of `prompt` (bos first when the tokenizer has one)."""
     bos = self.tokenizer.bos_id
     ids = ([bos] if bos >= 0 else []) + self.tokenizer.encode(prompt)
-    return self.tokenizer.decode(self.generate_ids([ids], max_new_tokens)[0])
+    return self.tokenizer.decode(self.generate_ids([ids], max_new_tokens, temperature)[0])
 
 
 _HF = flags.DEFINE_string('hf', None, 'Hugging Face model folder (config.json, safetensors, '
                           'tokenizer files).')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 32, 'Tokens to generate.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 = greedy.')
 
 
 def main(argv):
@@ -93,7 +89,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not _HF.value:
     raise app.UsageError('--hf=/path/to/hf_folder is required.')
-  print(HFModel.load(_HF.value).complete(_PROMPT.value, _MAX_NEW.value))
+  print(HFModel.load(_HF.value).complete(_PROMPT.value, _MAX_NEW.value, _TEMPERATURE.value))
 
 
 if __name__ == '__main__':

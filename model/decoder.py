@@ -19,18 +19,21 @@ REMAT_POLICIES = {
 
 class DecoderLayer(nn.Module):
   """x + attn(norm(x)), then x + mlp(norm(x)) (MoE block if `moe`). Returns (x, None) so it
-  can be scanned."""
+  can be scanned. With `decode` attention reads and appends to the 'cache' collection.
+  `valid` [B, L] marks real tokens: the MoE block routes no padding."""
   cfg: ModelConfig
   moe: bool = False
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, mask, deterministic):
+  def __call__(self, x, positions, mask, deterministic, valid=None):
     cfg = self.cfg
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     h = RMSNorm(cfg, name='attn_norm')(x)
-    h = Attention(cfg, name='attn')(h, h, mask, positions, positions)
+    h = Attention(cfg, name='attn')(h, h, mask, positions, positions, decode=self.decode)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    h = (MoE if self.moe else MLP)(cfg, name='mlp')(RMSNorm(cfg, name='mlp_norm')(x))
+    h = RMSNorm(cfg, name='mlp_norm')(x)
+    h = MoE(cfg, name='mlp')(h, valid) if self.moe else MLP(cfg, name='mlp')(h)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return x, None
 
@@ -38,12 +41,15 @@ class DecoderLayer(nn.Module):
 class MoEBlock(nn.Module):
   """`cfg.moe_every - 1` dense layers then one MoE layer: the repeating unit that is scanned."""
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, mask, deterministic):
+  def __call__(self, x, positions, mask, deterministic, valid):
     for i in range(self.cfg.moe_every - 1):
-      x = DecoderLayer(self.cfg, name=f'dense_{i}')(x, positions, mask, deterministic)[0]
-    return DecoderLayer(self.cfg, moe=True, name='moe')(x, positions, mask, deterministic)
+      x = DecoderLayer(self.cfg, decode=self.decode, name=f'dense_{i}')(x, positions, mask,
+                                                                         deterministic)[0]
+    return DecoderLayer(self.cfg, moe=True, decode=self.decode, name='moe')(x, positions, mask,
+                                                                            deterministic, valid)
 
 
 def moe_layout(cfg: ModelConfig) -> tuple[int, int]:
@@ -87,24 +93,34 @@ def layer_stack(layer_cls, cfg: ModelConfig, name: str = 'layers', num_layers: i
 
 
 class Decoder(nn.Module):
-  """Token ids [B, L] -> float32 logits [B, L, vocab]; packed rows via segment ids/positions."""
+  """Token ids [B, L] -> float32 logits [B, L, vocab]; packed rows via segment ids/positions.
+
+  With `decode=True` keys/values accumulate in the 'cache' collection (model/attention.py; the
+  first call only sizes it) and `kv_segment_ids` [B, cache slots] give each slot's segment
+  (0 = padding): a token attends to the filled slots of its own segment (model/decoding.py).
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, inputs, positions, segment_ids, deterministic: bool = True):
+  def __call__(self, inputs, positions, segment_ids, deterministic: bool = True,
+               decode: bool = False, kv_segment_ids=None):
     cfg = self.cfg
     embed = Embed(cfg, name='embed')
     x = embed(inputs)
-    mask = layer_mask(cfg, segment_ids, segment_ids, causal=True)
+    if decode:   # the cache adds causality over its slots
+      mask = layer_mask(cfg, segment_ids, kv_segment_ids, causal=False)
+    else:
+      mask = layer_mask(cfg, segment_ids, segment_ids, causal=True)
     if cfg.num_experts:
       # Leading dense layers and the MoE blocks are two scans, so every pattern compiles once.
       dense, blocks = moe_layout(cfg)
       if dense:
-        x = layer_stack(DecoderLayer, cfg, 'dense_layers', dense)(x, positions, mask,
-                                                                  deterministic)
-      x = layer_stack(MoEBlock, cfg, 'layers', blocks)(x, positions, mask, deterministic)
+        x = layer_stack(DecoderLayer, cfg, 'dense_layers', dense, decode=decode)(
+            x, positions, mask, deterministic)
+      x = layer_stack(MoEBlock, cfg, 'layers', blocks, decode=decode)(
+          x, positions, mask, deterministic, segment_ids > 0)
     else:
-      x = layer_stack(DecoderLayer, cfg)(x, positions, mask, deterministic)
+      x = layer_stack(DecoderLayer, cfg, decode=decode)(x, positions, mask, deterministic)
     x = RMSNorm(cfg, name='final_norm')(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(x.dtype)

@@ -1,8 +1,9 @@
 """Autoregressive decoding from the attention KV cache (model/attention.py's 'cache' collection).
 
 `decode_loop` is model-agnostic: it needs a step function that feeds one token per row and
-returns logits and the updated cache, so decoder-only generation reuses it with its own step.
-`t5_generate` encodes once, precomputes cross-attention keys/values into the cache, and decodes.
+returns logits and the updated cache. `decoder_generate` prefills a decoder's cache with the
+prompts once and decodes; `t5_generate` encodes once, precomputes cross-attention keys/values
+into the cache, and decodes.
 Everything here is pure and jit-able (wrap it with Partitioner.jit).
 """
 
@@ -46,6 +47,51 @@ def decode_loop(step_fn: StepFn, cache: dict, first_tokens: jax.Array, rng: jax.
   start = (cache, first_tokens.astype(jnp.int32), jnp.zeros(first_tokens.shape, bool))
   _, (tokens, logprobs) = jax.lax.scan(body, start, jnp.arange(steps))
   return tokens.T, logprobs.T
+
+
+def empty_cache(model, variables: dict, *args, **kwargs) -> dict:
+  """The zeroed 'cache' collection that `model.apply(variables, *args, decode=True, **kwargs)`
+  creates, built from shapes alone (no forward pass is run or compiled)."""
+  shapes = jax.eval_shape(lambda: model.apply(variables, *args, decode=True, mutable=['cache'],
+                                              **kwargs)[1]['cache'])
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def decoder_generate(model, params, prompt: jax.Array, lengths: jax.Array, rng: jax.Array, *,
+                     steps: int, temperature: float = 0.0, eos_id: Optional[int] = None,
+                     pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Continues each row of `prompt` [B, P], LEFT-padded (its `lengths` real tokens end every
+  row, so the last column is real), by `steps` tokens of a model.decoder.Decoder.
+
+  One prefill writes all but the last prompt column into the KV cache; `decode_loop` then
+  feeds the last column and one chosen token per step. Positions restart at each row's first
+  real token and padding slots are masked, so a row continues as it would alone.
+  Returns `decode_loop`'s (tokens [B, steps], log-probs).
+  """
+  rows, width = prompt.shape
+  slots = jnp.arange(width - 1 + steps)[None]
+  pad = (width - lengths)[:, None]
+  kv_segments = (slots >= pad).astype(jnp.int32)                 # 0 = left padding
+  positions = jnp.maximum(slots - pad, 0)
+
+  def run(cache, tokens, start):
+    n = tokens.shape[1]
+    return model.apply({'params': params, 'cache': cache}, tokens,
+                       jax.lax.dynamic_slice_in_dim(positions, start, n, axis=1),
+                       jax.lax.dynamic_slice_in_dim(kv_segments, start, n, axis=1),
+                       decode=True, kv_segment_ids=kv_segments, mutable=['cache'])
+
+  cache = empty_cache(model, {'params': params}, jnp.zeros(positions.shape, jnp.int32),
+                      positions, kv_segments, kv_segment_ids=kv_segments)
+  if width > 1:
+    cache = run(cache, prompt[:, :-1], 0)[1]['cache']
+
+  def step(cache, tokens, i):
+    logits, new = run(cache, tokens, width - 1 + i)
+    return logits, new['cache']
+
+  return decode_loop(step, cache, prompt[:, -1], rng, steps=steps, temperature=temperature,
+                     eos_id=eos_id, pad_id=pad_id)
 
 
 def t5_generate(model, params, encoder_inputs: jax.Array, encoder_positions: jax.Array,
