@@ -44,6 +44,14 @@ class Experiment:
     """Logically boxed step-0 state (traced under eval_shape or jit by the Partitioner)."""
     return TrainState.create(self.objective.init_fn(rng), self.tx)
 
+  def jit_state_from_params(self, state_shardings):
+    """(params) -> step-0 state around them: only the optimizer state is initialised (from the
+    params' shapes and shardings) and the params are donated, so the peak is params +
+    optimizer state, with no random parameters made and dropped (init_from)."""
+    return self.partitioner.jit(lambda params: TrainState.create(params, self.tx),
+                                in_shardings=(state_shardings.params,),
+                                out_shardings=state_shardings, donate_argnums=(0,))
+
   def jit_train_step(self, state_shardings):
     c = self.config
     step = make_train_step(self.objective, self.tx, self.schedule, seed=c.seed,
@@ -111,9 +119,11 @@ def train(config, workdir: str) -> TrainState:
   start = ckpt.latest_step()
   if start is None:
     start = 0
-    state, _ = exp.partitioner.init(exp.init_state, rng)
     if c.init_from:
-      state = state.replace(params=init_params(c.init_from, exp.model_cfg, shardings.params))
+      params = init_params(c.init_from, exp.model_cfg, shardings.params)
+      state = exp.jit_state_from_params(shardings)(params)
+    else:
+      state, _ = exp.partitioner.init(exp.init_state, rng)
   else:
     state, data_state = ckpt.restore(start, abstract)
     pipeline.set_state(data_state)

@@ -118,8 +118,10 @@ def test_unsupported_rope_scaling():
                                   num_attention_heads=1, intermediate_size=8, rms_norm_eps=1e-6))
 
 
-def test_train_init_from(hf_models, tmp_path):
-  from train.trainer import train
+def test_train_init_from(hf_models, tmp_path, monkeypatch):
+  import flax.linen as nn
+  from train.sharding import Partitioner
+  from train.trainer import Experiment, train
   from tests.helpers import tiny_config
   folder, _ = hf_models['qwen2']
   cfg = hf.load_config(folder)
@@ -127,8 +129,19 @@ def test_train_init_from(hf_models, tmp_path):
   config.update(init_from=f'hf:{folder}')
   config.train.steps = 0
   config.mesh.update(data=2, fsdp=2, tensor=2)
+  # The state is built around the loaded params: no random init runs, nor is one compiled.
+  exp = Experiment.from_config(config)
+  abstract, shardings = exp.partitioner.abstract(exp.init_state, jax.random.key(0))
+  lowered = exp.jit_state_from_params(shardings).lower(abstract.params)
+  random_init = exp.partitioner.jit(lambda r: nn.meta.unbox(exp.init_state(r)))
+  assert 'threefry' in random_init.lower(jax.random.key(0)).as_text()
+  assert 'threefry' not in lowered.as_text()
+  memory = lowered.compile().memory_analysis()   # per device: params in, params + moments out
+  assert memory.alias_size_in_bytes == memory.argument_size_in_bytes   # params donated
+  monkeypatch.setattr(Partitioner, 'init', lambda *a: pytest.fail('random init ran'))
   state = train(config, str(tmp_path / 'run'))
   jax.tree.map(np.testing.assert_array_equal, state.params, hf.load_params(folder, cfg))
+  assert all(not np.any(x) for x in jax.tree.leaves(state.opt_state) if x.ndim)   # zero moments
 
   config.model.num_layers = 3
   with pytest.raises(ValueError, match='model.num_layers=3 but .* has 2'):
