@@ -1,5 +1,5 @@
 """Train-step benchmarks: one JSON line per config with step time, tokens/s, MFU, compile time
-and memory.
+and memory; `encdec-decode` times greedy KV-cached generation of the tiny T5 instead.
 
   python -m experiments.bench                       # every benchmark, default allocator
   python -m experiments.bench --names=bench-s,bench-m --malloc=both --torch
@@ -34,7 +34,9 @@ BENCHMARKS = {
     'bench-m': ('configs.bench', 'bench-m'),
     'moe-tiny': ('configs.moe', 'tiny'),
     't5-tiny': ('configs.t5', 'tiny'),
+    'encdec-decode': ('configs.t5', 'tiny'),
 }
+GENERATION = ('encdec-decode',)   # time `time_generation`, not a train step
 TORCH_SHAPES = ('bench-s', 'bench-m')
 MALLOC = {
     'default': {},
@@ -77,6 +79,28 @@ def random_batch(config, sharding, seed: int = 0) -> dict:
   return out
 
 
+def _timed(call, steps: int, warmup: int) -> tuple[list, list, object]:
+  """(wall seconds, CPU seconds) of each of `steps` calls of `call()`, timed from dispatch to
+  `block_until_ready` after `warmup` untimed calls, and the last call's result."""
+  import jax
+  times, cpu_times = [], []
+  for i in range(warmup + steps):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out = jax.block_until_ready(call())
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+      cpu_times.append(time.process_time() - cpu_start)
+  return times, cpu_times, out
+
+
+def _memory(compiled) -> dict:
+  """Compiled peak bytes (XLA's analysis) and the process's max RSS."""
+  mem = compiled.memory_analysis()
+  return {'compiled_peak_bytes': (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                  - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
+          'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
 def time_train_step(config, steps: int, warmup: int) -> dict:
   """Compiles and times `config`'s train step on the current devices; returns the JSON fields."""
   import jax
@@ -89,21 +113,19 @@ def time_train_step(config, steps: int, warmup: int) -> dict:
   start = time.perf_counter()
   compiled = exp.jit_train_step(shardings).lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  times, cpu_times = [], []
-  for i in range(warmup + steps):
-    start, cpu_start = time.perf_counter(), time.process_time()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-      cpu_times.append(time.process_time() - cpu_start)
+
+  def step():
+    nonlocal state
+    state, metrics = compiled(state, batch)   # the state is donated: carry it along
+    return state, metrics
+
+  times, cpu_times, (_, metrics) = _timed(step, steps, warmup)
   step_s = statistics.median(times)
   tokens = config.train.batch_size * config.data.seq_len
   try:
     fpt = exp.flops_per_token()
   except ValueError:   # families without a FLOPs formula still get times and memory
     fpt = None
-  mem = compiled.memory_analysis()
   peak = peak_flops(exp.partitioner.mesh.devices.flat)
   return {
       'step_time_s': step_s,
@@ -117,10 +139,45 @@ def time_train_step(config, steps: int, warmup: int) -> dict:
       'mfu': fpt * tokens / step_s / peak if fpt else None,
       'peak_flops_per_s': peak,
       'compile_s': compile_s,
-      'compiled_peak_bytes': (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                              - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
-      'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      **_memory(compiled),
       'final_loss': float(metrics['loss'][0] / metrics['loss'][1]),
+      'devices': exp.partitioner.mesh.size,
+      'platform': jax.devices()[0].platform,
+  }
+
+
+def time_generation(config, steps: int, warmup: int) -> dict:
+  """Compiles and times greedy `t5_generate` (encode once, then KV-cached decoding of
+  `train.eval_decode_len` or the decoder length) of one random batch of an encoder-decoder
+  `config`; a generated token is one decoding step of the whole batch. Returns the JSON fields."""
+  import jax
+  from data.pipeline import target_length
+  from model.decoding import t5_generate
+  from train.trainer import Experiment
+
+  exp = Experiment.from_config(config)
+  params, shardings = exp.partitioner.init(exp.objective.init_fn, jax.random.key(config.seed))
+  batch = random_batch(config, exp.partitioner.batch_sharding)
+  length = config.train.eval_decode_len or target_length(config)
+  generate = lambda p, b: t5_generate(
+      exp.model, p, b['encoder_inputs'], b['encoder_positions'], b['encoder_segment_ids'],
+      jax.random.key(0), steps=length, start_id=0)[0]
+  start = time.perf_counter()
+  compiled = exp.partitioner.jit(generate, in_shardings=(
+      shardings, exp.partitioner.batch_sharding)).lower(params, batch).compile()
+  compile_s = time.perf_counter() - start
+  times, cpu_times, _ = _timed(lambda: compiled(params, batch), steps, warmup)
+  call_s = statistics.median(times)
+  return {
+      'generate_time_s': call_s,
+      'generate_time_min_s': min(times),
+      'generate_cpu_s': statistics.median(cpu_times),
+      'time_per_token_s': call_s / length,
+      'tokens_per_s': config.train.batch_size * length / call_s,
+      'generated_tokens': length,
+      'batch_size': config.train.batch_size,
+      'compile_s': compile_s,
+      **_memory(compiled),
       'devices': exp.partitioner.mesh.size,
       'platform': jax.devices()[0].platform,
   }
@@ -147,7 +204,8 @@ def main(argv):
     except ImportError as e:
       result['skipped'] = f'config module missing: {e}'
     else:
-      result.update(time_train_step(config, _STEPS.value, _WARMUP.value))
+      timer = time_generation if _CHILD.value in GENERATION else time_train_step
+      result.update(timer(config, _STEPS.value, _WARMUP.value))
     print(json.dumps(result), flush=True)
     return
   settings = ['default', 'notrim'] if _MALLOC.value == 'both' else [_MALLOC.value]

@@ -3,11 +3,15 @@ never asserted: timings on a shared CPU are noise)."""
 
 import pytest
 
+from configs import t5
 from configs.bench import get_config
-from experiments.bench import BENCHMARKS, load_config, random_batch, time_train_step
+from data.pipeline import target_length
+from experiments.bench import (BENCHMARKS, load_config, random_batch, time_generation,
+                               time_train_step)
 from model.config import ModelConfig
 from model.flops import flops_per_token
 from tests.helpers import partitioner, tiny_config
+from train.trainer import Experiment
 
 
 def test_bench_presets_have_the_issue_shapes():
@@ -32,6 +36,22 @@ def test_time_train_step_reports_consistent_fields():
   assert 0 < r['step_time_min_s'] <= r['step_time_s'] and r['compile_s'] > 0
   assert r['compiled_peak_bytes'] > 0 and r['devices'] == 8
   assert 0 < r['final_loss'] < 10
+
+
+def test_encoder_decoder_flops_count_the_target_length_and_generation_is_timed():
+  config = t5.get_config('tiny')
+  config.model.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8,
+                      mlp_dim=32)
+  config.data.seq_len, config.train.batch_size = 32, 8   # a row per test device
+  exp = Experiment.from_config(config)
+  decoder_len = target_length(config)
+  assert exp.flops_per_token() == flops_per_token(exp.model_cfg, 32, decoder_len)
+  assert decoder_len < 32 and exp.flops_per_token() < flops_per_token(exp.model_cfg, 32)
+  r = time_generation(config, steps=2, warmup=1)
+  assert r['generated_tokens'] == decoder_len
+  assert r['tokens_per_s'] == pytest.approx(8 * decoder_len / r['generate_time_s'])
+  assert r['time_per_token_s'] == pytest.approx(r['generate_time_s'] / decoder_len)
+  assert 0 < r['generate_time_min_s'] <= r['generate_time_s'] and r['compiled_peak_bytes'] > 0
 
 
 def test_random_batch_matches_task_format():
