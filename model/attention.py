@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from model.blocked_attention import blocked_attention
 from model.config import ModelConfig
 from model.layers import Projection, apply_rope, rope_scaling
 from model.pallas_attention import splash_attention
@@ -49,7 +50,8 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
 
 
 class SegmentMask(struct.PyTreeNode):
-  """`attention_mask`'s mask kept as segment ids, for kernels that take those ('pallas*')."""
+  """`attention_mask`'s mask kept as segment ids, for kernels that take those (all but cuDNN):
+  the XLA path skips causally masked key blocks, the Pallas kernel its masked tiles."""
   q_segment_ids: jax.Array    # [B, T]
   kv_segment_ids: jax.Array   # [B, S]
   causal: bool = struct.field(pytree_node=False)
@@ -57,11 +59,18 @@ class SegmentMask(struct.PyTreeNode):
 
 def layer_mask(cfg: ModelConfig, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
                causal: bool) -> Union[jax.Array, SegmentMask]:
-  """The mask a model hands its attention layers: segment ids for the Pallas kernel, else
-  the dense `attention_mask`, built once and shared by every layer."""
-  if cfg.attention_impl.startswith('pallas'):
-    return SegmentMask(q_segment_ids, kv_segment_ids, causal)
-  return attention_mask(q_segment_ids, kv_segment_ids, causal)
+  """The mask a model hands its attention layers: segment ids, or for cuDNN the dense
+  `attention_mask`, built once and shared by every layer."""
+  if cfg.attention_impl == 'cudnn':
+    return attention_mask(q_segment_ids, kv_segment_ids, causal)
+  return SegmentMask(q_segment_ids, kv_segment_ids, causal)
+
+
+def dense_mask(mask: Union[None, jax.Array, SegmentMask]) -> Optional[jax.Array]:
+  """`mask` as a boolean array [B, 1, T, S] (or None)."""
+  if isinstance(mask, SegmentMask):
+    return attention_mask(mask.q_segment_ids, mask.kv_segment_ids, mask.causal)
+  return mask
 
 
 class Attention(nn.Module):
@@ -112,9 +121,16 @@ class Attention(nn.Module):
       out = self._pallas(q, k, v, mask, bias, decode)
     else:
       if decode:
-        k, v, mask = self._cached(k, v, mask)
-      out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
-                                         implementation=cfg.attention_impl)
+        k, v, mask = self._cached(k, v, dense_mask(mask))
+      if cfg.attention_impl == 'cudnn':
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense_mask(mask),
+                                           scale=self.scale, implementation='cudnn')
+      elif isinstance(mask, SegmentMask):
+        out = blocked_attention(q, k, v, segment_ids=(mask.q_segment_ids, mask.kv_segment_ids),
+                                causal=mask.causal, bias=bias, scale=self.scale,
+                                block_size=cfg.attention_query_block)
+      else:
+        out = blocked_attention(q, k, v, mask=mask, bias=bias, scale=self.scale)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
     return Projection(cfg, (cfg.d_model,), ('heads', 'head_dim'), ('embed',),
                       use_bias=cfg.use_bias, name='out')(out)

@@ -1,0 +1,59 @@
+"""The blocked XLA attention equals jax.nn.dot_product_attention with the dense mask."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.attention import attention_mask
+from model.blocked_attention import blocked_attention, query_blocks
+
+B, T, N, K, D = 2, 24, 4, 2, 8
+
+
+@pytest.fixture(scope='module')
+def inputs():
+  r = np.random.RandomState(0)
+  q, k, v = (jnp.asarray(r.randn(B, T, h, D), jnp.float32) for h in (N, K, K))
+  # Row 0: two packed segments and trailing padding; row 1: one segment.
+  segments = jnp.asarray([[1] * 10 + [2] * 9 + [0] * 5, [1] * T])
+  bias = jnp.asarray(r.randn(1, N, T, T), jnp.float32)
+  return q, k, v, segments, bias
+
+
+def test_query_blocks_cover_causal_rows_once():
+  assert query_blocks(10, 10, True, 4) == [(0, 4, 4), (4, 8, 8), (8, 10, 10)]
+  assert query_blocks(10, 10, False, 4) == [(0, 10, 10)]
+  assert query_blocks(3, 10, True, 2) == [(0, 3, 10)]   # cross lengths: one block
+
+
+@pytest.mark.parametrize('causal,with_bias,block', [(True, False, 5), (True, True, 8),
+                                                    (False, True, 5), (True, False, 64)])
+def test_equals_dense_reference(inputs, causal, with_bias, block):
+  q, k, v, segments, bias = inputs
+  bias = bias if with_bias else None
+  dense = attention_mask(segments, segments, causal)
+  cot = jnp.asarray(np.random.RandomState(1).randn(B, T, N, D), jnp.float32)
+
+  ref = lambda q, k, v, bias: (jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=dense) * cot).sum()
+  ours = lambda q, k, v, bias: (blocked_attention(
+      q, k, v, segment_ids=(segments, segments), causal=causal, bias=bias,
+      block_size=block) * cot).sum()
+  argnums = (0, 1, 2, 3) if with_bias else (0, 1, 2)
+  want = jax.value_and_grad(ref, argnums=argnums)(q, k, v, bias)
+  got = jax.value_and_grad(ours, argnums=argnums)(q, k, v, bias)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
+
+
+def test_dense_mask_and_all_masked_rows(inputs):
+  """A dense mask (decode's cache mask) works alone; a row with no allowed key averages all
+  values, like the reference."""
+  q, k, v, segments, _ = inputs
+  mask = attention_mask(segments, segments, causal=True).at[0, 0, 3].set(False)
+  want = jax.nn.dot_product_attention(q, k, v, mask=mask)
+  got = blocked_attention(q, k, v, mask=mask)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(got[0, 3], jnp.repeat(v[0].mean(0), N // K, axis=0), atol=1e-5)
