@@ -29,27 +29,29 @@ def loaded(hf_models, qwen_like, tmp_path_factory):
   return out
 
 
-@pytest.mark.parametrize('temperature', [0.0, 0.8])
-def test_cached_equals_uncached_recomputation(loaded, temperature):
+def test_cached_equals_uncached_recomputation(loaded):
   hf_model = loaded['qwen2']
   model = build_model(hf_model.cfg)
   batch, lengths = left_pad(PROMPTS)
   rng = jax.random.key(3)
-  tokens, logprobs = hf_model.partitioner.jit(lambda p, b, n: decoder_generate(
-      model, p, b, n, rng, steps=NEW, temperature=temperature))(hf_model.params, batch, lengths)
-  # One uncached forward over prompt + generated tokens, with the same padding and positions.
-  full = np.concatenate([batch, np.asarray(tokens)], axis=1)
-  pad = batch.shape[1] - lengths[:, None]
-  slots = np.arange(full.shape[1])[None]
-  logits = model.apply({'params': hf_model.params}, full, np.maximum(slots - pad, 0),
-                       (slots >= pad).astype(np.int32))
-  at = logits[:, batch.shape[1] - 1:-1]                     # the logits each step chose from
-  for i in range(NEW):
-    want = sample(at[:, i], jax.random.fold_in(rng, i), temperature)
-    np.testing.assert_array_equal(tokens[:, i], want)
-  want_logprobs = np.take_along_axis(jax.nn.log_softmax(at), np.asarray(tokens)[..., None], -1)
-  np.testing.assert_allclose(logprobs, want_logprobs[..., 0], atol=1e-5)
-  assert len({tuple(r) for r in np.asarray(tokens).tolist()}) > 1   # rows differ
+  forward = jax.jit(lambda p, t, pos, seg: model.apply({'params': p}, t, pos, seg))
+  for temperature in (0.0, 0.8):
+    tokens, logprobs = hf_model.partitioner.jit(lambda p, b, n: decoder_generate(
+        model, p, b, n, rng, steps=NEW, temperature=temperature))(hf_model.params, batch,
+                                                                  lengths)
+    # One uncached forward over prompt + generated tokens, same padding and positions.
+    full = np.concatenate([batch, np.asarray(tokens)], axis=1)
+    pad = batch.shape[1] - lengths[:, None]
+    slots = np.arange(full.shape[1])[None]
+    logits = forward(hf_model.params, full, np.maximum(slots - pad, 0),
+                     (slots >= pad).astype(np.int32))
+    at = logits[:, batch.shape[1] - 1:-1]                   # the logits each step chose from
+    for i in range(NEW):
+      want = sample(at[:, i], jax.random.fold_in(rng, i), temperature)
+      np.testing.assert_array_equal(tokens[:, i], want)
+    want_logprobs = np.take_along_axis(jax.nn.log_softmax(at), np.asarray(tokens)[..., None], -1)
+    np.testing.assert_allclose(logprobs, want_logprobs[..., 0], atol=1e-5)
+    assert len({tuple(r) for r in np.asarray(tokens).tolist()}) > 1   # rows differ
 
 
 def test_greedy_matches_transformers(loaded, hf_models):
