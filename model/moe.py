@@ -1,24 +1,37 @@
 """Mixture-of-experts feed-forward block: router, top-k, routed + shared experts, two dispatches.
 
 Dispatch paths (model.moe_dispatch):
-- 'dropless': token-expert pairs are sorted by expert and run as one grouped matmul
-  (jax.lax.ragged_dot); nothing is dropped.
+- 'dropless': each device sorts its token-expert pairs by expert into a buffer in which every
+  expert's rows are padded to a multiple of model.moe_block_size, one chunk per device of the
+  'expert' mesh axis; an all_to_all sends each chunk to the device holding its experts, the
+  experts run as a grouped matmul (model.moe_grouped_matmul), and an all_to_all brings the
+  results back. A chunk holds its destination's worst case (every pair of the sending device),
+  so nothing is ever dropped, and only filled blocks are computed. The grouped matmul is
+  'blocked' (a loop over the filled blocks, one matmul each with its expert's kernel: XLA:CPU
+  lowers ragged_dot to a dense matmul of every expert with every row) or 'ragged_dot' (native
+  on GPU/TPU; block size 1).
 - 'capacity': every sequence is a routing group; each expert takes at most
   ceil(capacity_factor * length * k / num_experts) of a group's pairs (first choices of all
   tokens before second choices, earlier tokens first); the rest are dropped and counted.
   The [group, expert, capacity, embed] buffer is resharded expert-major, so on a mesh with an
   'expert' axis tokens travel to their experts' devices (an all-to-all chosen by XLA).
 
+Padding tokens (`valid` False: segment id 0) are not routed: they take no expert capacity,
+get no routed output, and are left out of the load, balance and z-loss statistics.
+
 Every MoE layer sows its statistics into the MOE_COLLECTION variable collection;
 `moe_metrics` turns them into (sum, count) metrics and `aux_loss` gives the optimized term.
 """
 
 import dataclasses
+import functools
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
 from model.layers import ACTIVATIONS, MLP
@@ -26,6 +39,7 @@ from model.layers import ACTIVATIONS, MLP
 MOE_COLLECTION = 'moe_stats'
 SCORE_FNS = ('softmax', 'sigmoid')
 DISPATCHES = ('dropless', 'capacity')
+GROUPED_MATMULS = ('auto', 'ragged_dot', 'blocked')
 
 
 def _expert_init(axes):
@@ -46,6 +60,14 @@ def capacity(cfg: ModelConfig, group_size: int) -> int:
                           / cfg.num_experts))
 
 
+def grouped_matmul_impl(cfg: ModelConfig) -> str:
+  """model.moe_grouped_matmul with 'auto' resolved: ragged_dot where XLA has a native kernel
+  (GPU, TPU), else 'blocked'."""
+  if cfg.moe_grouped_matmul != 'auto':
+    return cfg.moe_grouped_matmul
+  return 'ragged_dot' if jax.default_backend() in ('gpu', 'tpu') else 'blocked'
+
+
 def route(cfg: ModelConfig, logits: jax.Array, bias=None):
   """Router logits [..., E] -> (expert ids [..., k], combine weights [..., k], scores [..., E]).
 
@@ -61,20 +83,32 @@ def route(cfg: ModelConfig, logits: jax.Array, bias=None):
   return ids, weights * cfg.routed_scaling, scores
 
 
-def load_balance_loss(scores: jax.Array, ids: jax.Array, num_experts: int) -> jax.Array:
-  """Switch-Transformer balance loss E * sum_i f_i * P_i over all tokens: f_i is the fraction of
-  token-expert pairs sent to expert i, P_i the mean router probability of expert i (scores
-  normalised per token, so sigmoid routers fit too). Equals 1 under perfectly uniform routing."""
+def _token_mean(values: jax.Array, valid: Optional[jax.Array]) -> jax.Array:
+  """Mean of values [..., X] over the tokens (all leading dims) that are `valid` [...]."""
+  flat = values.reshape(-1, values.shape[-1])
+  if valid is None:
+    return jnp.mean(flat, axis=0)
+  w = valid.reshape(-1, 1).astype(flat.dtype)
+  return jnp.sum(flat * w, axis=0) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def load_balance_loss(scores: jax.Array, ids: jax.Array, num_experts: int,
+                      valid: Optional[jax.Array] = None) -> jax.Array:
+  """Switch-Transformer balance loss E * sum_i f_i * P_i over the valid tokens: f_i is the
+  fraction of token-expert pairs sent to expert i, P_i the mean router probability of expert i
+  (scores normalised per token, so sigmoid routers fit too). Equals 1 under perfectly uniform
+  routing."""
   probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-  f = expert_load(ids, num_experts)
-  p = jnp.mean(probs.reshape(-1, num_experts), axis=0)
-  return num_experts * jnp.sum(f * p)
+  return num_experts * jnp.sum(expert_load(ids, num_experts, valid) * _token_mean(probs, valid))
 
 
-def expert_load(ids: jax.Array, num_experts: int) -> jax.Array:
-  """Fraction of token-expert pairs routed to each expert, [E] summing to 1."""
-  counts = jnp.zeros((num_experts,), jnp.float32).at[ids.reshape(-1)].add(1.0)
-  return counts / ids.size
+def expert_load(ids: jax.Array, num_experts: int, valid: Optional[jax.Array] = None) -> jax.Array:
+  """Fraction of the valid tokens' token-expert pairs routed to each expert, [E] summing to 1
+  (all zeros when no token is valid)."""
+  live = jnp.ones(ids.shape, jnp.float32) if valid is None else jnp.broadcast_to(
+      valid[..., None], ids.shape).astype(jnp.float32)
+  counts = jnp.zeros((num_experts,), jnp.float32).at[ids.reshape(-1)].add(live.reshape(-1))
+  return counts / jnp.maximum(jnp.sum(live), 1.0)
 
 
 def bias_update_surrogate(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
@@ -88,78 +122,240 @@ def bias_update_surrogate(bias: jax.Array, load: jax.Array, rate: float) -> jax.
   return term - jax.lax.stop_gradient(term)
 
 
-def router_z_loss(logits: jax.Array) -> jax.Array:
-  """Mean squared log-partition of the router logits (ST-MoE)."""
-  return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+def router_z_loss(logits: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+  """Mean over valid tokens of the squared log-partition of the router logits (ST-MoE)."""
+  z = jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
+  return _token_mean(z[..., None], valid)[0]
 
 
-def _slots(ids: jax.Array, num_experts: int, cap: int):
+def _slots(ids: jax.Array, valid: jax.Array, num_experts: int, cap: int):
   """One group's pairs ids [T, k] -> (buffer slot [k*T] (choice-major), kept [k*T]).
 
-  Slot e * cap + position-in-expert; dropped pairs point at the spare row num_experts * cap.
+  Slot e * cap + position-in-expert; dropped and padding pairs point at the spare row
+  num_experts * cap. Padding tokens (`valid` [T] False) take no position.
   """
   flat = ids.T.reshape(-1)                              # first choices of all tokens first
-  one_hot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)
+  live = jnp.tile(valid, ids.shape[1])
+  one_hot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32) * live[:, None]
   position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
-  kept = position < cap
+  kept = live & (position < cap)
   return jnp.where(kept, flat * cap + position, num_experts * cap), kept
 
 
+def _expert_ffn(cfg: ModelConfig, kernels: tuple, x: jax.Array, matmul) -> jax.Array:
+  """The routed experts' FFN on x with `matmul(x, kernel [E, in, out])` doing the grouping."""
+  act, gated = ACTIVATIONS[cfg.activation]
+  if gated:
+    wi_0, wi_1, wo = kernels
+    return matmul(act(matmul(x, wi_0)) * matmul(x, wi_1), wo)
+  wi, wo = kernels
+  return matmul(act(matmul(x, wi)), wo)
+
+
+@jax.custom_vjp
+def _block_matmul(x, w, block_expert, order, count):
+  """x [blocks, B, in] -> [blocks, B, out]: for i < count, block j = order[i] times
+  w[block_expert[j]] ([E, in, out]); every other block is zero and costs nothing."""
+  return _block_matmul_fwd(x, w, block_expert, order, count)[0]
+
+
+def _block_matmul_fwd(x, w, block_expert, order, count):
+  def body(i, y):
+    j = order[i]
+    return jax.lax.dynamic_update_index_in_dim(y, x[j] @ w[block_expert[j]], j, 0)
+  zeros = jnp.zeros_like(x, shape=x.shape[:2] + w.shape[2:])
+  return jax.lax.fori_loop(0, count, body, zeros), (x, w, block_expert, order, count)
+
+
+def _block_matmul_bwd(residuals, dy):
+  x, w, block_expert, order, count = residuals
+
+  def body(i, carry):
+    dx, dw = carry
+    j = order[i]
+    e = block_expert[j]
+    dx = jax.lax.dynamic_update_index_in_dim(dx, dy[j] @ w[e].T, j, 0)
+    grad = jnp.matmul(x[j].T, dy[j], preferred_element_type=jnp.float32)
+    return dx, jax.lax.dynamic_update_index_in_dim(dw, dw[e] + grad, e, 0)
+
+  dx, dw = jax.lax.fori_loop(0, count, body, (jnp.zeros_like(x), jnp.zeros_like(w, jnp.float32)))
+  return dx, dw.astype(w.dtype), None, None, None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+
+def _grouped_ffn(cfg: ModelConfig, impl: str, kernels: tuple, x: jax.Array,
+                 block_expert: jax.Array) -> jax.Array:
+  """Expert FFN of x [blocks, B, D], block j belonging to local expert block_expert[j]
+  (>= the kernels' expert count: an empty block, left out)."""
+  local = kernels[0].shape[0]
+  live = block_expert < local
+  if impl == 'blocked':
+    order = jnp.argsort(~live, stable=True)             # filled blocks first
+    count = jnp.sum(live)
+    return _expert_ffn(cfg, kernels, x,
+                       lambda h, w: _block_matmul(h, w, block_expert, order, count))
+  rows = x.reshape(-1, x.shape[-1])                     # ragged_dot: blocks of one row
+  order = jnp.argsort(block_expert, stable=True)        # empty rows last, past every group
+  sizes = jnp.zeros((local + 1,), jnp.int32).at[block_expert].add(1)[:local]
+  y = _expert_ffn(cfg, kernels, rows[order], lambda h, w: jax.lax.ragged_dot(h, w, sizes))
+  return jnp.zeros_like(y).at[order].set(y).reshape(x.shape[:2] + y.shape[-1:])
+
+
+def _dispatch_plan(ids: jax.Array, valid: jax.Array, num_experts: int, groups: int, block: int):
+  """Where one device's token-expert pairs go in its send buffer of `groups` chunks.
+
+  Chunk d holds the pairs of experts d*E/groups ... (d+1)*E/groups - 1 (the experts of the d-th
+  device along the expert mesh axes) sorted by expert, each expert's rows padded to a multiple
+  of `block`. A chunk has room for the worst case, every pair of ids [T, k] going to it, so
+  nothing is dropped. Pairs of tokens that are not `valid` [T] are not sent.
+
+  Returns (slot_pair [groups * rows]: the pair (t * k + j) in each buffer row, T * k if none;
+  pair_slot [T * k]: each pair's buffer row, groups * rows if unsent; block_expert
+  [groups, rows / block]: each block's expert within its chunk, E / groups if empty).
+  """
+  t, k = ids.shape
+  n, local = t * k, num_experts // groups
+  key = jnp.where(valid[:, None], ids, num_experts).reshape(-1)
+  order = jnp.argsort(key, stable=True)
+  counts = jnp.zeros((num_experts + 1,), jnp.int32).at[key].add(1)[:num_experts]
+  first = jnp.cumsum(counts) - counts                   # sorted position of an expert's first pair
+  padded = (counts + block - 1) // block * block
+  ends = jnp.cumsum(padded.reshape(groups, local), axis=1)
+  starts = ends.reshape(-1) - padded                    # chunk row of an expert's first pair
+  # A token's k experts are distinct, so at most t * min(k, local) pairs share a chunk; padding
+  # adds under `block` rows per expert, and the blocks hold the sum rounded down.
+  rows = (t * min(k, local) + local * (block - 1)) // block * block
+  r = jnp.arange(rows)
+  within = jax.vmap(lambda e: jnp.searchsorted(e, r, side='right'))(ends)   # [groups, rows]
+  expert = jnp.minimum(within, local - 1) + local * jnp.arange(groups)[:, None]
+  rank = r - starts[expert]
+  filled = (within < local) & (rank < counts[expert])
+  slot_pair = jnp.where(filled, order[jnp.minimum(first[expert] + rank, n - 1)], n)
+  sorted_key = key[order]
+  e = jnp.minimum(sorted_key, num_experts - 1)
+  slot = (e // local) * rows + starts[e] + jnp.arange(n) - first[e]
+  slot = jnp.where(sorted_key < num_experts, slot, groups * rows)
+  pair_slot = jnp.zeros((n,), jnp.int32).at[order].set(slot, unique_indices=True)
+  return slot_pair.reshape(-1), pair_slot, within[:, ::block]
+
+
+def _dropless_shard(cfg: ModelConfig, impl: str, token_axes: tuple, expert_axes: tuple,
+                    mlp_axes: tuple, x, ids, weights, valid, kernels):
+  """Dropless dispatch of the tokens x [B, L, D] one device holds (or of all, off a mesh):
+  the tokens differ along `token_axes`, which include the `expert_axes`.
+
+  `kernels` hold this device's experts (a slice along `expert_axes`) and, with `mlp_axes`, a
+  slice of their hidden width whose partial outputs are summed over those axes.
+  """
+  b, l, d = x.shape
+  k = ids.shape[-1]
+  groups = cfg.num_experts // kernels[0].shape[0]
+  block = cfg.moe_block_size if impl == 'blocked' else 1
+  slot_pair, pair_slot, block_expert = _dispatch_plan(
+      ids.reshape(b * l, k), valid.reshape(-1), cfg.num_experts, groups, block)
+  send = jnp.take(x.reshape(b * l, d), slot_pair // k, axis=0, mode='fill', fill_value=0)
+
+  def exchange(a):   # chunk i to the i-th device along the expert axes, theirs back in its place
+    return jax.lax.all_to_all(a, expert_axes, 0, 0, tiled=True) if groups > 1 else a
+
+  # The custom-VJP block matmul takes operands that vary over the same mesh axes: tokens over
+  # the axes splitting the kernels' width, kernels over those splitting tokens (whose gradients
+  # JAX then sums over them, as data parallelism needs).
+  spread = lambda a, axes: jax.lax.pcast(a, axes, to='varying') if axes else a
+  kernels = tuple(spread(w, tuple(a for a in token_axes if a not in expert_axes))
+                  for w in kernels)
+  y = _grouped_ffn(cfg, impl, kernels, spread(exchange(send), mlp_axes).reshape(-1, block, d),
+                   exchange(block_expert).reshape(-1))
+  y = exchange(y.reshape(-1, d))
+  pairs = jnp.take(y, pair_slot, axis=0, mode='fill', fill_value=0).reshape(b * l, k, d)
+  out = jnp.einsum('tkd,tk->td', pairs, weights.reshape(b * l, k).astype(pairs.dtype))
+  if mlp_axes:
+    out = jax.lax.psum(out, mlp_axes)
+  return out.reshape(b, l, d)
+
+
+def _axes(spec_entry) -> tuple:
+  return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(
+      spec_entry)
+
+
+def _mesh_layout(shape: tuple[int, ...]):
+  """How dropless runs per device on the active mesh and logical-axis rules, or None (no mesh,
+  or tokens [B, L] that do not split evenly): the mesh axes (batch, length, expert, mlp).
+
+  Mesh axes come from the rules in scope (train/sharding.py), never named here. Devices along
+  the expert axes must hold distinct tokens for the all_to_all, so the batch dim is split over
+  them too; the experts' hidden width is split over the 'mlp' axes unless those split tokens.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  batch, length = map(_axes, nn.logical_to_mesh_axes(('batch', 'length')))
+  expert, _, mlp = map(_axes, nn.logical_to_mesh_axes(('expert', 'embed', 'mlp')))
+  batch += tuple(a for a in expert if a not in batch + length)
+  if set(mlp) & set(batch + length):
+    mlp = ()
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  if shape[0] % size(batch) or shape[1] % size(length):
+    return None
+  return batch, length, expert, mlp
+
+
+def dropless(cfg: ModelConfig, x, ids, weights, valid, kernels) -> jax.Array:
+  """Routed experts' output [B, L, D] of x [B, L, D] with ids/weights [B, L, k], no pair
+  dropped; per device (shard_map) with all_to_all over the expert axes on a mesh."""
+  impl = grouped_matmul_impl(cfg)
+  layout = _mesh_layout(x.shape)
+  if layout is None:
+    return _dropless_shard(cfg, impl, (), (), (), x, ids, weights, valid, kernels)
+  batch, length, expert, mlp = layout
+  tokens = P(batch or None, length or None)
+  up, down = P(expert or None, None, mlp or None), P(expert or None, mlp or None, None)
+  pairs = P(*tokens, None)
+  fn = jax.shard_map(functools.partial(_dropless_shard, cfg, impl, batch + length, expert, mlp),
+                     in_specs=(pairs, pairs, pairs, tokens, (up,) * (len(kernels) - 1) + (down,)),
+                     out_specs=pairs)
+  return fn(x, ids, weights, valid, kernels)
+
+
 class MoE(nn.Module):
-  """x [B, L, D] -> [B, L, D]: shared experts (always on) + top-k routed experts."""
+  """x [B, L, D] -> [B, L, D]: shared experts (always on) + top-k routed experts. `valid`
+  [B, L] (default all) marks real tokens; padding is not routed."""
   cfg: ModelConfig
 
   def _check(self):
     cfg = self.cfg
-    if cfg.router_score not in SCORE_FNS:
-      raise ValueError(f'model.router_score={cfg.router_score!r}; choose one of {SCORE_FNS}.')
-    if cfg.moe_dispatch not in DISPATCHES:
-      raise ValueError(f'model.moe_dispatch={cfg.moe_dispatch!r}; choose one of {DISPATCHES}.')
+    for key, value, choices in (('router_score', cfg.router_score, SCORE_FNS),
+                                ('moe_dispatch', cfg.moe_dispatch, DISPATCHES),
+                                ('moe_grouped_matmul', cfg.moe_grouped_matmul, GROUPED_MATMULS)):
+      if value not in choices:
+        raise ValueError(f'model.{key}={value!r}; choose one of {choices}.')
     if not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
       raise ValueError(f'model.num_experts_per_tok={cfg.num_experts_per_tok} must be in '
                        f'[1, model.num_experts={cfg.num_experts}].')
+    if cfg.moe_block_size < 1:
+      raise ValueError(f'model.moe_block_size={cfg.moe_block_size} must be positive.')
 
-  def _experts(self, x, matmul):
-    """The routed experts' FFN with `matmul(x, kernel [E, in, out])` doing the grouping."""
+  def _kernels(self) -> tuple:
+    """The routed experts' kernels [E, in, out] in the compute dtype: (wi_0, wi_1, wo) if the
+    activation is gated, else (wi, wo)."""
     cfg = self.cfg
-    act, gated = ACTIVATIONS[cfg.activation]
     dim = cfg.expert_mlp_dim or cfg.mlp_dim
-    dtype = cfg.compute_dtype
+    up = ((cfg.num_experts, cfg.d_model, dim), ('expert', 'embed', 'mlp'))
+    down = ((cfg.num_experts, dim, cfg.d_model), ('expert', 'mlp', 'embed'))
+    names = ('wi_0', 'wi_1') if ACTIVATIONS[cfg.activation][1] else ('wi',)
+    return tuple(self.param(name, _expert_init(axes), shape, cfg.weight_dtype).astype(
+        cfg.compute_dtype) for name, (shape, axes) in [(n, up) for n in names] + [('wo', down)])
 
-    def kernel(name, shape, axes):
-      return self.param(name, _expert_init(axes), shape, cfg.weight_dtype).astype(dtype)
-
-    up_shape, up_axes = (cfg.num_experts, cfg.d_model, dim), ('expert', 'embed', 'mlp')
-    x = x.astype(dtype)
-    if gated:
-      h = act(matmul(x, kernel('wi_0', up_shape, up_axes))) * matmul(
-          x, kernel('wi_1', up_shape, up_axes))
-    else:
-      h = act(matmul(x, kernel('wi', up_shape, up_axes)))
-    return matmul(h, kernel('wo', (cfg.num_experts, dim, cfg.d_model), ('expert', 'mlp', 'embed')))
-
-  def _dropless(self, x, ids, weights):
-    """Sort pairs by expert, one ragged matmul per kernel, unsort and combine."""
-    cfg = self.cfg
-    b, l, d = x.shape
-    k = cfg.num_experts_per_tok
-    tokens = x.reshape(b * l, d)
-    flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.zeros((cfg.num_experts,), jnp.int32).at[flat].add(1)
-    ys = self._experts(tokens[order // k],
-                       lambda h, w: jax.lax.ragged_dot(h, w, sizes))
-    ys = jnp.zeros_like(ys).at[order].set(ys).reshape(b * l, k, d)
-    out = jnp.einsum('tkd,tk->td', ys, weights.reshape(b * l, k).astype(ys.dtype))
-    return out.reshape(b, l, d), jnp.zeros((), jnp.float32)
-
-  def _capacity(self, x, ids, weights):
+  def _capacity(self, x, ids, weights, valid, kernels):
     """Scatter each group's pairs into [E, C] slots, run experts expert-major, gather back."""
     cfg = self.cfg
     b, l, d = x.shape
     e, k = cfg.num_experts, cfg.num_experts_per_tok
     cap = capacity(cfg, l)
-    slots, kept = jax.vmap(lambda i: _slots(i, e, cap))(ids)          # [B, k*L]
+    slots, kept = jax.vmap(lambda i, v: _slots(i, v, e, cap))(ids, valid)   # [B, k*L]
     token = jnp.tile(jnp.arange(l), k)
 
     def dispatch(xg, slot):
@@ -168,7 +364,7 @@ class MoE(nn.Module):
     buf = jax.vmap(dispatch)(x, slots).reshape(b, e, cap, d)
     buf = nn.with_logical_constraint(buf, ('batch', None, None, 'embed'))
     buf = nn.with_logical_constraint(buf.swapaxes(0, 1), ('expert', 'batch', None, 'embed'))
-    ys = self._experts(buf, lambda h, w: jnp.einsum('ebci,eio->ebco', h, w))
+    ys = _expert_ffn(cfg, kernels, buf, lambda h, w: jnp.einsum('ebci,eio->ebco', h, w))
     ys = nn.with_logical_constraint(ys, ('expert', 'batch', None, 'embed'))
     ys = nn.with_logical_constraint(ys.swapaxes(0, 1), ('batch', None, None, 'embed'))
     ys = ys.reshape(b, e * cap, d)
@@ -176,12 +372,13 @@ class MoE(nn.Module):
     pairs = jnp.take_along_axis(ys, slots[..., None], axis=1).reshape(b, k, l, d)
     w = (weights.transpose(0, 2, 1) * kept.reshape(b, k, l)).astype(ys.dtype)
     out = jnp.einsum('bkld,bkl->bld', pairs, w)
-    return out, jnp.sum(~kept).astype(jnp.float32)
+    return out, (k * jnp.sum(valid) - jnp.sum(kept)).astype(jnp.float32)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
     cfg = self.cfg
     self._check()
+    valid = jnp.ones(x.shape[:2], bool) if valid is None else valid
     router = self.param('router', _router_init(), (cfg.d_model, cfg.num_experts),
                         cfg.weight_dtype)
     logits = jnp.einsum('bld,de->ble', x.astype(jnp.float32), router.astype(jnp.float32))
@@ -190,21 +387,25 @@ class MoE(nn.Module):
       bias = self.param('router_bias', nn.with_logical_partitioning(
           nn.initializers.zeros, ('expert',)), (cfg.num_experts,), jnp.float32)
     ids, weights, scores = route(cfg, logits, bias)
-    dispatch = self._dropless if cfg.moe_dispatch == 'dropless' else self._capacity
-    out, dropped = dispatch(x, ids, weights)
+    kernels = self._kernels()
+    xc = x.astype(cfg.compute_dtype)
+    if cfg.moe_dispatch == 'dropless':
+      out, dropped = dropless(cfg, xc, ids, weights, valid, kernels), jnp.zeros((), jnp.float32)
+    else:
+      out, dropped = self._capacity(xc, ids, weights, valid, kernels)
     out = nn.with_logical_constraint(out.astype(cfg.compute_dtype), ('batch', 'length', 'embed'))
     if cfg.num_shared_experts:
       shared_dim = cfg.num_shared_experts * (cfg.expert_mlp_dim or cfg.mlp_dim)
       out = out + MLP(dataclasses.replace(cfg, mlp_dim=shared_dim), name='shared')(x)
-    balance = load_balance_loss(scores, ids, cfg.num_experts)
-    z = router_z_loss(logits)
-    load = expert_load(ids, cfg.num_experts)
+    balance = load_balance_loss(scores, ids, cfg.num_experts, valid)
+    z = router_z_loss(logits, valid)
+    load = expert_load(ids, cfg.num_experts, valid)
     aux = cfg.load_balance_loss * balance + cfg.router_z_loss * z
     if bias is not None:
       aux = aux + bias_update_surrogate(bias, load, cfg.router_bias_update_rate)
+    routed = cfg.num_experts_per_tok * jnp.sum(valid).astype(jnp.float32)
     for name, value in (('aux_loss', aux), ('load_balance', balance), ('router_z', z),
-                        ('load', load), ('dropped', dropped),
-                        ('routed', jnp.asarray(ids.size, jnp.float32))):
+                        ('load', load), ('dropped', dropped), ('routed', routed)):
       self.sow(MOE_COLLECTION, name, value)
     return out
 
@@ -215,7 +416,7 @@ def moe_metrics(stats) -> dict:
   moe_aux_loss: the weighted balance + z terms summed over MoE layers (added to the loss);
   moe_load_balance, moe_router_z: per-layer means; moe_load_eNN: fraction of token-expert pairs
   sent to expert NN (1 / num_experts when balanced), mean over layers; moe_dropped: fraction of
-  pairs dropped by the capacity dispatch. Empty for a dense model.
+  pairs dropped by the capacity dispatch. Padding tokens count nowhere. Empty for a dense model.
   """
   by_name = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(stats):
