@@ -7,10 +7,11 @@ into the cache, and decodes.
 Everything here is pure and jit-able (wrap it with Partitioner.jit).
 """
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 # (cache, tokens [B, 1], step index) -> (logits [B, 1, vocab], new cache)
 StepFn = Callable[[dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
@@ -95,27 +96,35 @@ def decoder_generate(model, params, prompt: jax.Array, lengths: jax.Array, rng: 
 
 
 def t5_generate(model, params, encoder_inputs: jax.Array, encoder_positions: jax.Array,
-                encoder_segment_ids: jax.Array, rng: jax.Array, *, steps: int, start_id: int,
-                temperature: float = 0.0, eos_id: Optional[int] = None,
-                pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+                encoder_segment_ids: jax.Array, rng: jax.Array, *, steps: int,
+                start_id: Union[int, jax.Array], temperature: float = 0.0,
+                eos_id: Optional[int] = None, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
   """Generates `steps` decoder tokens per row of a model.t5.T5 (one example per encoder row,
-  segment id 0 = padding); returns `decode_loop`'s (tokens, log-probs)."""
+  segment id 0 = padding), starting from `start_id` (one id, or one per row [B]); returns
+  `decode_loop`'s (tokens, log-probs)."""
   variables = {'params': params}
   encoded = model.apply(variables, encoder_inputs, encoder_positions, encoder_segment_ids,
                         method='encode')
   rows = encoder_inputs.shape[0]
-  ones = jnp.ones((rows, steps), jnp.int32)
-  # Creating the cache sizes the self-attention slots and fills the cross-attention keys/values.
-  _, state = model.apply(variables, encoded, encoder_segment_ids, ones,
-                         jnp.broadcast_to(jnp.arange(steps), (rows, steps)), ones,
-                         decode=True, mutable=['cache'], method='decode')
+  ones = lambda n: jnp.ones((rows, n), jnp.int32)
+  decoder_args = lambda n: (encoded, encoder_segment_ids, ones(n),
+                            jnp.broadcast_to(jnp.arange(n), (rows, n)), ones(n))
+  # Self-attention slots start as zeros (from shapes alone); the cross-attention keys/values
+  # are projections of `encoded`, which a one-token decoder pass computes.
+  cache = traverse_util.flatten_dict(
+      empty_cache(model, variables, *decoder_args(steps), method='decode'))
+  _, created = model.apply(variables, *decoder_args(1), decode=True, mutable=['cache'],
+                           method='decode')
+  cache.update((k, v) for k, v in traverse_util.flatten_dict(created['cache']).items()
+               if 'cross_attn' in k)
 
   def step(cache, tokens, i):
     logits, new = model.apply({'params': params, 'cache': cache}, None, encoder_segment_ids,
-                              tokens, jnp.full((rows, 1), i, jnp.int32), ones[:, :1],
+                              tokens, jnp.full((rows, 1), i, jnp.int32), ones(1),
                               decode=True, decode_length=steps, mutable=['cache'],
                               method='decode')
     return logits, new['cache']
 
-  return decode_loop(step, state['cache'], jnp.full((rows,), start_id, jnp.int32), rng,
-                     steps=steps, temperature=temperature, eos_id=eos_id, pad_id=pad_id)
+  first = jnp.broadcast_to(jnp.asarray(start_id, jnp.int32), (rows,))
+  return decode_loop(step, traverse_util.unflatten_dict(cache), first, rng, steps=steps,
+                     temperature=temperature, eos_id=eos_id, pad_id=pad_id)

@@ -1,24 +1,38 @@
-"""T5 encoder–decoder: relative-position buckets, sharded = one device, cached decoding =
-full recomputation, packed examples stay apart, prefix-LM split."""
+"""T5 encoder–decoder: relative-position buckets, query init, sharded = one device, cached
+decoding = full recomputation, eval decoding of packed examples, packed examples stay apart,
+prefix-LM split.
+
+Weights are random draws from the parameter shapes (no init is compiled) and each model's
+jitted apply is shared, so the file compiles a handful of programs.
+"""
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from model import ModelConfig, build_model
+from model.attention import Attention
 from model.decoding import t5_generate
+from model.hf import abstract_params
 from model.relative_position import relative_position_bucket
 from tests.helpers import partitioner, tiny_config
 from train.objectives import build_objective
-from train.objectives.span import split_prefix
+from train.objectives.span import decode_scores, greedy_decode_scores, split_prefix
 
 CFG = ModelConfig(family='t5', vocab_size=64, d_model=32, num_layers=2, num_decoder_layers=3,
                   num_heads=8, num_kv_heads=4, head_dim=8, mlp_dim=64, activation='geglu',
                   position_embedding='relative', scale_attention=False, relative_buckets=8,
                   relative_max_distance=16)
+# The other options: T5 v1.0's ReLU MLP and tied, rescaled logits; rotary positions.
+V1_ROPE = dataclasses.replace(CFG, activation='relu', tie_embeddings=True,
+                              position_embedding='rope', scale_attention=True)
+MODEL_KEYS = ('encoder_inputs', 'encoder_positions', 'encoder_segment_ids', 'decoder_inputs',
+              'decoder_positions', 'decoder_segment_ids')
+ENC, STEPS = 9, 7   # encoder length and decoded tokens of the decoding tests
 
 
 def seq2seq_batch(rows: int, enc_len: int, dec_len: int, vocab: int, seed: int = 0) -> dict:
@@ -37,18 +51,22 @@ def seq2seq_batch(rows: int, enc_len: int, dec_len: int, vocab: int, seed: int =
   return {k: jnp.asarray(v) for k, v in out.items()}
 
 
-def _logits(model, params, batch):
-  # jit: eager op-by-op execution of the whole model is several times slower on CPU.
-  return jax.jit(model.apply)({'params': params}, *(batch[k] for k in (
-      'encoder_inputs', 'encoder_positions', 'encoder_segment_ids', 'decoder_inputs',
-      'decoder_positions', 'decoder_segment_ids')))
+def random_params(shapes, seed: int = 0):
+  """Normal(0, 0.3) draws in the shapes of `shapes` (ShapeDtypeStructs)."""
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), shapes)
 
 
-def _params(model, batch):
-  from flax.core import meta
-  return meta.unbox(jax.jit(model.init)(jax.random.key(0), *(batch[k] for k in (
-      'encoder_inputs', 'encoder_positions', 'encoder_segment_ids', 'decoder_inputs',
-      'decoder_positions', 'decoder_segment_ids')))['params'])
+@pytest.fixture(scope='module')
+def models():
+  """cfg -> (model, random params, jitted apply on a batch's MODEL_KEYS)."""
+  out = {}
+  for cfg in (CFG, V1_ROPE):
+    model = build_model(cfg)
+    apply = jax.jit(lambda p, b, model=model: model.apply(
+        {'params': p}, *(b[k] for k in MODEL_KEYS)))
+    out[cfg] = (model, random_params(abstract_params(cfg)), apply)
+  return out
 
 
 def test_relative_position_buckets_match_the_t5_formula():
@@ -63,6 +81,22 @@ def test_relative_position_buckets_match_the_t5_formula():
   assert {r: bucket(r, False) for r in expected} == expected
 
 
+def test_unscaled_attention_folds_the_scaling_into_the_query_init():
+  d, hd = 128, 32
+  cfg = dataclasses.replace(CFG, d_model=d, num_heads=4, num_kv_heads=4, head_dim=hd)
+  x = jnp.zeros((1, 1, d))
+  scales = (None, 1.0)   # None: logits / sqrt(head_dim); 1.0: T5's unscaled logits
+  inits = jax.jit(lambda key: [nn.meta.unbox(Attention(cfg, use_rope=False, scale=s).init(
+      key, x, x, None)['params']) for s in scales])(jax.random.key(0))
+  std = {s: {k: float(np.std(v['kernel'])) for k, v in p.items()} for s, p in zip(scales, inits)}
+  # Mesh TF / T5X: q (d_model * head_dim)^-0.5 when unscaled; k, v, out: fan-in^-0.5.
+  np.testing.assert_allclose(std[1.0]['query'], (d * hd) ** -0.5, rtol=0.03)
+  np.testing.assert_allclose(std[None]['query'], d ** -0.5, rtol=0.03)
+  for scale in (None, 1.0):
+    np.testing.assert_allclose([std[scale][k] for k in ('key', 'value', 'out')],
+                               [d ** -0.5] * 3, rtol=0.03)
+
+
 @pytest.fixture(scope='module')
 def sharding_setup():
   config = tiny_config(family='t5', num_decoder_layers=3, activation='geglu',
@@ -71,7 +105,7 @@ def sharding_setup():
   config.data.update(seq_len=16, target_len=8)
   objective = build_objective('span_corruption', build_model(
       ModelConfig.from_dict(config.model.to_dict())), config)
-  params, _ = partitioner().init(objective.init_fn, jax.random.key(0))
+  params = random_params(partitioner().abstract(objective.init_fn, jax.random.key(0))[0])
   batch = seq2seq_batch(8, 16, 8, config.model.vocab_size)
   return objective, params, batch, loss_and_grads(partitioner(), objective, params, batch)
 
@@ -100,53 +134,87 @@ def test_sharded_t5_equals_single_device(sharding_setup, axes):
                              reference)
 
 
-@pytest.mark.parametrize('temperature', [0.0, 1.0])
-def test_cached_decoding_equals_full_recomputation(temperature):
-  batch = seq2seq_batch(2, 12, 7, CFG.vocab_size)
-  model = build_model(CFG)
-  params = _params(model, batch)
-  enc = {k: batch[k][:, :9] for k in ('encoder_inputs', 'encoder_positions')}
-  enc_seg = jnp.asarray([[1] * 9, [1] * 6 + [0] * 3], jnp.int32)   # second row padded
-  steps = 7
-  generate = jax.jit(lambda p, r: t5_generate(
-      model, p, enc['encoder_inputs'], jnp.broadcast_to(jnp.arange(9), (2, 9)), enc_seg, r,
-      steps=steps, start_id=1, temperature=temperature))
-  tokens, logprobs = generate(params, jax.random.key(3))
+@pytest.fixture(scope='module')
+def generated(models):
+  """Encoder rows (the second padded), and t5_generate's greedy and sampled (tokens,
+  log-probs) for them, from one compiled program."""
+  model, params, _ = models[CFG]
+  enc = dict(encoder_inputs=seq2seq_batch(2, ENC, STEPS, CFG.vocab_size)['encoder_inputs'],
+             encoder_positions=jnp.broadcast_to(jnp.arange(ENC), (2, ENC)),
+             encoder_segment_ids=jnp.asarray([[1] * ENC, [1] * 6 + [0] * 3], jnp.int32))
+  generate = jax.jit(lambda p, r: [t5_generate(
+      model, p, *enc.values(), r, steps=STEPS, start_id=1, temperature=t) for t in (0.0, 1.0)])
+  return enc, generate(params, jax.random.key(3))
+
+
+def test_cached_decoding_equals_full_recomputation(models, generated):
+  _, params, apply = models[CFG]
+  enc, ((greedy, greedy_lp), (sampled, sampled_lp)) = generated
   # Teacher-forcing the generated tokens through the uncached model gives the same
-  # log-probabilities at every step (and greedy tokens are its argmax).
-  full = dict(encoder_inputs=enc['encoder_inputs'],
-              encoder_positions=jnp.broadcast_to(jnp.arange(9), (2, 9)),
-              encoder_segment_ids=enc_seg,
-              decoder_inputs=jnp.concatenate([jnp.ones((2, 1), jnp.int32), tokens[:, :-1]], 1),
-              decoder_positions=jnp.broadcast_to(jnp.arange(steps), (2, steps)),
-              decoder_segment_ids=jnp.ones((2, steps), jnp.int32))
-  logits = _logits(model, params, full)
+  # log-probabilities at every step (and greedy tokens are its argmax); both in one call.
+  tokens = jnp.concatenate([greedy, sampled])
+  full = {k: jnp.concatenate([v, v]) for k, v in enc.items()}
+  full.update(decoder_inputs=jnp.concatenate([jnp.ones((4, 1), jnp.int32), tokens[:, :-1]], 1),
+              decoder_positions=jnp.broadcast_to(jnp.arange(STEPS), (4, STEPS)),
+              decoder_segment_ids=jnp.ones((4, STEPS), jnp.int32))
+  logits = apply(params, full)
   expected = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
-  np.testing.assert_allclose(logprobs, expected, atol=1e-5)
-  if temperature == 0.0:
-    np.testing.assert_array_equal(tokens, jnp.argmax(logits, -1))
-  else:   # sampling really samples: not the greedy sequence everywhere
-    assert not np.array_equal(tokens, jnp.argmax(logits, -1))
+  np.testing.assert_allclose(jnp.concatenate([greedy_lp, sampled_lp]), expected, atol=1e-5)
+  argmax = jnp.argmax(logits, -1)
+  np.testing.assert_array_equal(greedy, argmax[:2])
+  assert not np.array_equal(sampled, argmax[2:])   # sampling really samples
 
 
-def test_packed_examples_do_not_see_each_other_and_v1_0_options_run():
-  batch = seq2seq_batch(1, 12, 9, CFG.vocab_size)
-  model = build_model(CFG)
-  params = _params(model, batch)
-  packed = _logits(model, params, batch)
-  second = np.asarray(batch['decoder_segment_ids'][0]) == 2
-  changed = dict(batch, encoder_inputs=batch['encoder_inputs'].at[0, 0].set(5),
-                 decoder_inputs=batch['decoder_inputs'].at[0, 0].set(5))
-  out = _logits(model, params, changed)
-  np.testing.assert_allclose(out[0][second], packed[0][second], atol=1e-6)
-  assert not np.allclose(out[0][~second], packed[0][~second])
-  # T5 v1.0: ReLU MLP and tied embedding (no lm_head); rotary positions also run.
-  for cfg in (dataclasses.replace(CFG, activation='relu', tie_embeddings=True),
-              dataclasses.replace(CFG, position_embedding='rope', scale_attention=True)):
-    m = build_model(cfg)
-    p = _params(m, batch)
-    assert ('lm_head' in p['decoder']) != cfg.tie_embeddings
-    assert bool(jnp.isfinite(_logits(m, p, batch)).all())
+def test_eval_decoding_scores_each_packed_example(models, generated):
+  # One row packs both encoder rows of `generated` as two examples; their greedy outputs are
+  # the targets, so every token scores, until one target token is changed.
+  model, params, _ = models[CFG]
+  enc, ((greedy, _), _) = generated
+  lengths = (ENC, 6)
+  cat = lambda parts: jnp.concatenate(parts)[None]
+  batch = dict(
+      encoder_inputs=cat([enc['encoder_inputs'][0], enc['encoder_inputs'][1, :6]]),
+      encoder_positions=cat([jnp.arange(n) for n in lengths]),
+      encoder_segment_ids=cat([jnp.full(n, s + 1) for s, n in enumerate(lengths)]),
+      decoder_inputs=cat([jnp.ones(1, jnp.int32), greedy[0, :-1], jnp.ones(1, jnp.int32),
+                          greedy[1, :-1]]),
+      decoder_targets=cat([greedy[0], greedy[1]]),
+      decoder_positions=cat([jnp.arange(STEPS)] * 2),
+      decoder_segment_ids=cat([jnp.full(STEPS, 1), jnp.full(STEPS, 2)]),
+      decoder_loss_mask=jnp.ones((1, 2 * STEPS)))
+  score = jax.jit(lambda p, b: greedy_decode_scores(model, p, b, STEPS))
+  assert jax.tree.map(float, score(params, batch)) == {
+      'decode_accuracy': (14.0, 14.0), 'decode_exact_match': (2.0, 2.0)}
+  wrong = dict(batch, decoder_targets=batch['decoder_targets'].at[0, 9].add(1))
+  assert jax.tree.map(float, score(params, wrong)) == {
+      'decode_accuracy': (13.0, 14.0), 'decode_exact_match': (1.0, 2.0)}
+
+
+def test_decode_scores_align_targets_by_position():
+  # Row 0: an example of 3 targets after one of 2 (only the second is scored, weights);
+  # row 1: 4 targets but 3 decoded tokens, so the last one is a miss.
+  tokens = jnp.asarray([[7, 8, 9], [4, 5, 6]])
+  targets = jnp.asarray([[1, 2, 7, 8, 0], [4, 5, 6, 7, 0]])
+  positions = jnp.asarray([[0, 1, 0, 1, 2], [0, 1, 2, 3, 0]])
+  weights = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+  got = jax.tree.map(float, decode_scores(tokens, targets, positions, weights))
+  assert got == {'decode_accuracy': (5.0, 7.0), 'decode_exact_match': (0.0, 2.0)}
+  got = decode_scores(tokens, targets.at[0, 4].set(9), positions, weights)
+  assert jax.tree.map(float, got)['decode_exact_match'] == (1.0, 2.0)
+
+
+@pytest.mark.parametrize('cfg', [CFG, V1_ROPE], ids=['v1.1', 'v1.0_rope'])
+def test_packed_examples_do_not_see_each_other(models, cfg):
+  _, params, apply = models[cfg]
+  assert ('lm_head' in params['decoder']) != cfg.tie_embeddings
+  batch = seq2seq_batch(4, ENC, STEPS, cfg.vocab_size)
+  packed = apply(params, batch)
+  second = np.asarray(batch['decoder_segment_ids']) == 2
+  changed = dict(batch, encoder_inputs=batch['encoder_inputs'].at[:, 0].set(5),
+                 decoder_inputs=batch['decoder_inputs'].at[:, 0].set(5))
+  out = apply(params, changed)
+  np.testing.assert_allclose(out[second], packed[second], atol=1e-6)
+  assert not np.allclose(out[~second], packed[~second])
 
 
 def test_prefix_split_cuts_every_segment_once():
