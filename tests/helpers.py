@@ -52,7 +52,12 @@ def read_metrics(workdir) -> list[dict]:
 
 
 def checkpoint_params(workdir, step: int):
-  """Parameters of the checkpoint at `step` in WORKDIR/checkpoints, restored to host arrays."""
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  """Parameters of the checkpoint at `step` in WORKDIR/checkpoints, restored onto one device
+  (whatever mesh, or how many processes, saved it)."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        manager.item_metadata(step)['state'])
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   return restored['state']['params']

@@ -1,8 +1,44 @@
 """Orbax checkpoints of the train state together with the data pipeline's position."""
 
+import dataclasses
+import json
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+class PerProcessJsonHandler(ocp.CheckpointHandler):
+  """One JSON file per process (process_I-of-N.json), as grain checkpoints its iterators: every
+  host reads its own share of the data, so each host's pipeline position is its own."""
+
+  @staticmethod
+  def _path(directory: epath.Path) -> epath.Path:
+    return directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+
+  def save(self, directory: epath.Path, args: 'PerProcessJsonSave') -> None:
+    self._path(directory).write_text(json.dumps(args.item))
+
+  def restore(self, directory: epath.Path, args: Optional['PerProcessJsonRestore'] = None):
+    path = self._path(directory)
+    if not path.exists():
+      saved = sorted(p.name for p in directory.glob('process_*.json'))
+      raise ValueError(f'{path} is missing (saved: {saved}): a job resumes its data pipeline '
+                       'only with the number of processes that saved it.')
+    return json.loads(path.read_text())
+
+
+@ocp.args.register_with_handler(PerProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class PerProcessJsonSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(PerProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class PerProcessJsonRestore(ocp.args.CheckpointArgs):
+  pass
 
 
 class Checkpointer:
@@ -26,14 +62,14 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
     """Saves if `step` is on the cadence (or `force`); returns whether a save started."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state))
+                              data=PerProcessJsonSave(data_state))
     return self._manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """(state, data_state) at `step`; `abstract_state` holds ShapeDtypeStructs with the target
     shardings, so a checkpoint written on one mesh restores onto another."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=ocp.args.JsonRestore())
+                              data=PerProcessJsonRestore())
     restored = self._manager.restore(step, args=args)
     return restored['state'], restored['data']
 

@@ -2,18 +2,24 @@
 
 Each process has 4 fake CPU devices; together they form one 8-device global mesh whose 'data'
 axis spans the hosts. The worker (this file run as a script) trains the tiny decoder on fixed
-global batches, so the two-process job and the single-process job see the same data.
+global batches, so the two-process job and the single-process job see the same data. The
+launcher itself runs as two processes too: logging from process 0 only, checkpoints written by
+both, and a stopped job that resumes exactly.
 """
 
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+
+from tests.helpers import checkpoint_params, read_metrics
 
 # Not tests.conftest.REPO: importing conftest in a worker would force 8 devices per process.
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -78,10 +84,12 @@ def _spawn(out, num_processes, process_id, port, local_devices):
       text=True)
 
 
-def _wait(procs):
-  for p in procs:
-    out, _ = p.communicate(timeout=300)
+def _wait(procs) -> list[str]:
+  """Each process's output, once all have exited 0."""
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
+  return outs
 
 
 @pytest.fixture(scope='module')
@@ -109,21 +117,49 @@ def test_two_process_training_equals_single_process(runs):
     np.testing.assert_allclose(multi[name], single[name], rtol=2e-5, atol=2e-6, err_msg=name)
 
 
-def test_launcher_two_processes_only_process_zero_writes(tmp_path):
+def _launch(workdir) -> list[str]:
+  """The launcher as two processes of 2 devices: 2 steps, a checkpoint after each; outputs.
+  A 2-example packing window makes each host's pipeline position depend on its own records."""
   port = _free_port()
-  args = ['--config=configs/lm.py:tiny', f'--workdir={tmp_path}', '--config.train.steps=2',
+  args = ['--config=configs/lm.py:tiny', f'--workdir={workdir}', '--config.train.steps=2',
           '--config.train.log_every_steps=1', '--config.train.batch_size=8',
-          '--config.data.seq_len=32', '--config.data.synthetic_train_size=2000',
-          '--config.checkpoint.async_save=false', f'--coordinator_address=127.0.0.1:{port}',
-          '--num_processes=2']
-  procs = [subprocess.Popen([sys.executable, '-m', 'experiments.run', *args, f'--process_id={i}'],
-                            cwd=REPO, env=_env(2), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  _wait(procs)
-  with open(tmp_path / 'metrics.jsonl') as f:
-    steps = [json.loads(line)['step'] for line in f]
-  assert steps == [1, 2]   # one writer: a second would duplicate every line
-  assert (tmp_path / 'checkpoints' / '2').is_dir()
+          '--config.data.pack_window=2', '--config.data.synthetic_train_size=2000',
+          '--config.checkpoint.every_steps=1', f'--coordinator_address=127.0.0.1:{port}',
+          '--num_processes=2', '--verbosity=0']
+  return _wait([subprocess.Popen([sys.executable, '-m', 'experiments.run', *args,
+                                  f'--process_id={i}'], cwd=REPO, env=_env(2),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for i in range(2)])
+
+
+def test_launcher_two_processes_save_stop_and_resume(tmp_path):
+  """Only process 0 writes logs and config; both processes write the checkpoint (each its own
+  data position); a job stopped after step 1's checkpoint and relaunched resumes to the
+  parameters of the job that never stopped."""
+  _launch(tmp_path)
+  records = read_metrics(tmp_path)
+  assert [r['step'] for r in records] == [1, 2]   # one writer: a second would duplicate lines
+  assert len(list((tmp_path / 'tensorboard').iterdir())) == 1   # one event file, one writer
+  assert json.loads((tmp_path / 'config.json').read_text())['train']['steps'] == 2
+  data = tmp_path / 'checkpoints' / '1' / 'data'
+  positions = [json.loads((data / f'process_{i}-of-2.json').read_text()) for i in range(2)]
+  assert positions[0] != positions[1]   # so resuming both from one would change the data
+  unstopped = checkpoint_params(tmp_path, 2)
+  shutil.rmtree(tmp_path / 'checkpoints' / '2')   # as if stopped right after step 1's save
+  outs = _launch(tmp_path)
+  assert all('Resumed from step 1.' in out for out in outs)
+  assert [r['loss'] for r in read_metrics(tmp_path)] == [r['loss'] for r in records]
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_params(tmp_path, 2), unstopped)
+
+
+def test_data_position_restores_only_with_the_saving_process_count(tmp_path):
+  from train.checkpoint import PerProcessJsonHandler, PerProcessJsonSave
+  handler = PerProcessJsonHandler()
+  handler.save(tmp_path, PerProcessJsonSave({'batches': 3}))
+  assert handler.restore(tmp_path) == {'batches': 3}
+  (tmp_path / 'process_0-of-1.json').rename(tmp_path / 'process_0-of-2.json')
+  with pytest.raises(ValueError, match=r"0-of-1.json is missing \(saved: \['process_0-of-2"):
+    handler.restore(tmp_path)
 
 
 def test_cluster_detection_and_flag_errors():
