@@ -44,9 +44,10 @@ class RelativePositionBias(nn.Module):
     cfg = self.cfg
     table = self.param(
         'rel_embedding',
-        # As T5X initialises it: uniform with variance 2 / (buckets + heads).
-        nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
-                                     ('relpos_buckets', 'heads')),
+        # Unit normal, not T5X's fan-average uniform (variance 2 / (buckets + heads)): with
+        # AdamW the small table learns positions slowly (tiny MLM masked-token accuracy 0.27
+        # against 0.44 after the same 600 steps).
+        nn.with_logical_partitioning(nn.initializers.normal(1.0), ('relpos_buckets', 'heads')),
         (cfg.relative_buckets, cfg.num_heads), cfg.weight_dtype)
     buckets = relative_position_bucket(
         positions_kv[:, None, :] - positions_q[:, :, None], bidirectional=self.bidirectional,
