@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from model.attention import Attention, layer_mask
 from model.config import ModelConfig
-from model.layers import MLP, Embed, Projection, RMSNorm
+from model.layers import MLP, Embed, RMSNorm, vocab_logits
 from model.moe import MOE_COLLECTION, MoE
 
 REMAT_POLICIES = {
@@ -122,11 +122,7 @@ class Decoder(nn.Module):
     else:
       x = layer_stack(DecoderLayer, cfg, decode=decode)(x, positions, mask, deterministic)
     x = RMSNorm(cfg, name='final_norm')(x)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(x.dtype)
-    else:
-      logits = Projection(cfg, (cfg.vocab_size,), ('embed',), ('vocab',), name='lm_head')(x)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    return vocab_logits(cfg, embed, x)
 
 
 def stack_layers(params: dict, num_layers: int, name: str = 'layers') -> dict:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from model.attention import Attention, layer_mask
 from model.config import ModelConfig
 from model.decoder import layer_stack
-from model.layers import ACTIVATIONS, MLP, Embed, Projection, make_norm
+from model.layers import ACTIVATIONS, MLP, Embed, Projection, Unembed, make_norm, vocab_logits
 from model.relative_position import RelativePositionBias
 
 POSITION_EMBEDDINGS = ('rope', 'relative', 'learned')
@@ -53,18 +53,6 @@ def make_attention(cfg: ModelConfig, name: str, cross: bool = False) -> Attentio
   logits scaled unless `model.scale_attention` is off (T5)."""
   return Attention(cfg, use_rope=not cross and cfg.position_embedding == 'rope',
                    scale=None if cfg.scale_attention else 1.0, cross_cache=cross, name=name)
-
-
-def vocab_logits(cfg: ModelConfig, embed: Embed, x: jax.Array,
-                 lm_head: Optional[nn.Module] = None) -> jax.Array:
-  """float32 logits from the tied embedding (scaled by 1/sqrt(d_model)) or an lm_head
-  (`lm_head`, else one made here under that name)."""
-  if cfg.tie_embeddings:
-    logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(x.dtype)
-  else:
-    head = lm_head or Projection(cfg, (cfg.vocab_size,), ('embed',), ('vocab',), name='lm_head')
-    logits = head(x)
-  return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 
 class EncoderLayer(nn.Module):
@@ -154,7 +142,7 @@ class EncoderMLM(nn.Module):
     if cfg.mlm_head:
       self.mlm_head = MLMHead(cfg, self.embed)
     elif not cfg.tie_embeddings:
-      self.lm_head = Projection(cfg, (cfg.vocab_size,), ('embed',), ('vocab',))
+      self.lm_head = Unembed(cfg)
 
   def encode(self, inputs, positions, segment_ids, deterministic: bool = True,
              token_types: Optional[jax.Array] = None) -> jax.Array:

@@ -120,6 +120,34 @@ class Embed(nn.Module):
     return jnp.einsum('bld,vd->blv', x, self.embedding.astype(x.dtype))
 
 
+class Unembed(nn.Module):
+  """Untied output head: logits = x W^T with W [vocab, embed], the layout of the embedding
+  table and of Hugging Face's lm_head.weight. Its weight gradient (logits' cotangent^T x) is
+  about 1.5x cheaper on XLA:CPU than with an [embed, vocab] kernel (measured)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=1,
+                                            out_axis=0)
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, ('vocab', 'embed')),
+                        (self.cfg.vocab_size, x.shape[-1]), self.cfg.weight_dtype)
+    dtype = self.cfg.compute_dtype
+    return jnp.einsum('bld,vd->blv', x.astype(dtype), kernel.astype(dtype))
+
+
+def vocab_logits(cfg: ModelConfig, embed: Embed, x: jax.Array,
+                 lm_head: Optional[nn.Module] = None) -> jax.Array:
+  """float32 logits from the tied embedding (scaled by 1/sqrt(d_model)) or an lm_head
+  (`lm_head`, else one made here under that name)."""
+  if cfg.tie_embeddings:
+    logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(x.dtype)
+  else:
+    head = lm_head or Unembed(cfg, name='lm_head')
+    logits = head(x)
+  return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+
 class MLP(nn.Module):
   """Feed-forward block: gated (SwiGLU, GeGLU) or plain (ReLU, GELU); biases if model.use_bias."""
   cfg: ModelConfig

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from model.attention import attention_mask
 from model.config import ModelConfig
 from model.decoder import layer_stack
-from model.encoder import Encoder, check_positions, make_attention, vocab_logits
-from model.layers import MLP, Embed, RMSNorm
+from model.encoder import Encoder, check_positions, make_attention
+from model.layers import MLP, Embed, RMSNorm, vocab_logits
 from model.relative_position import RelativePositionBias
 
 

@@ -105,7 +105,7 @@ def global_rules(tied: bool) -> dict[tuple, Rule]:
   head = 'model.embed_tokens.weight' if tied else 'lm_head.weight'
   return {('embed', 'embedding'): _identity(lambda i: 'model.embed_tokens.weight'),
           ('final_norm', 'scale'): _identity(lambda i: 'model.norm.weight'),
-          ('lm_head', 'kernel'): _linear(lambda i: head)}
+          ('lm_head', 'kernel'): _identity(lambda i: head)}
 
 
 def _attention(prefix, heads, head_dim):
@@ -145,7 +145,7 @@ def t5_global_rules(tied: bool) -> dict[tuple, Rule]:
           ('decoder', 'final_norm', 'scale'): _identity(lambda i: 'decoder.final_layer_norm.weight'),
           ('encoder', 'relpos', 'rel_embedding'): _identity(lambda i: bias('encoder')),
           ('decoder', 'relpos', 'rel_embedding'): _identity(lambda i: bias('decoder')),
-          ('decoder', 'lm_head', 'kernel'): _linear(
+          ('decoder', 'lm_head', 'kernel'): _identity(
               lambda i: 'shared.weight' if tied else 'lm_head.weight')}
 
 
