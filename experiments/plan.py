@@ -68,6 +68,11 @@ def plan(config, device: Optional[str] = None) -> dict:
   rng = jax.random.key(config.seed)
   total, active = param_counts(exp, rng)
   state, shardings = exp.partitioner.abstract(exp.init_state, rng)
+  shards = exp.partitioner.batch_shards
+  if config.train.batch_size % shards:
+    raise ValueError(f'train.batch_size={config.train.batch_size} does not split over the '
+                     f'{shards} batch shards of mesh {dict(exp.partitioner.mesh.shape)}; use a '
+                     f'multiple of {shards} or another --num_devices / mesh.')
   batch = abstract_batch(config, exp.partitioner.batch_sharding)
   lowered = exp.jit_train_step(shardings).lower(state, batch)
   compiled = lowered.compile()

@@ -52,6 +52,13 @@ def test_fits_verdict_and_bad_device(sharded_plan, capsys):
     plan_main(_tiny(), device='abacus')
 
 
+def test_batch_that_does_not_split_fails_before_compiling():
+  config = _tiny(data=8)
+  config.train.batch_size = 12
+  with pytest.raises(ValueError, match='train.batch_size=12 does not split over the 8 batch'):
+    plan(config)
+
+
 def test_moe_active_params_count_top_k_experts():
   config = _tiny()
   config.model.update(num_experts=4, num_experts_per_tok=1)
