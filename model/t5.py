@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.attention import attention_mask
+from model.attention import layer_mask
 from model.config import ModelConfig
 from model.decoder import layer_stack
 from model.encoder import Encoder, check_positions, make_attention
@@ -51,11 +51,11 @@ class T5Decoder(nn.Module):
                deterministic: bool = True, decode: bool = False, decode_length: int = 0):
     cfg = self.cfg
     x = nn.Dropout(cfg.dropout_rate)(self.shared_embed(inputs), deterministic=deterministic)
-    cross_mask = attention_mask(segment_ids, encoder_segment_ids, causal=False)
+    cross_mask = layer_mask(cfg, segment_ids, encoder_segment_ids, causal=False)
     if decode:   # the cache masks future slots; bias spans every slot of the cache
       mask, kv_positions = None, jnp.arange(decode_length or inputs.shape[1])[None]
     else:
-      mask, kv_positions = attention_mask(segment_ids, segment_ids, causal=True), positions
+      mask, kv_positions = layer_mask(cfg, segment_ids, segment_ids, causal=True), positions
     bias = None
     if cfg.position_embedding == 'relative':
       bias = RelativePositionBias(cfg, bidirectional=False, name='relpos')(positions,
