@@ -140,7 +140,7 @@ class Attention(nn.Module):
     cfg = self.cfg
     unsupported = ('decodes from a KV cache' if decode else
                    'adds a logits bias (relative positions)' if bias is not None else
-                   'has a dense mask (T5)' if not isinstance(mask, SegmentMask) else None)
+                   'has a dense mask' if not isinstance(mask, SegmentMask) else None)
     if unsupported:
       raise ValueError(f'model.attention_impl={cfg.attention_impl!r} covers decoder and encoder '
                        f"self-attention over packed segments; this layer {unsupported}: use 'xla'.")
