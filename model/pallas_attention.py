@@ -1,5 +1,5 @@
-"""Pallas splash attention (JAX's shipped TPU flash-attention kernel) for packed, causal or
-bidirectional self-attention with grouped key/value heads.
+"""Pallas splash attention (JAX's shipped TPU flash-attention kernel) over packed segments,
+causal or bidirectional, with grouped key/value heads.
 
 The kernel works on one example and the heads it holds, so it runs per shard: under a mesh it
 is wrapped in `jax.shard_map` over the mesh axes that the active logical-axis rules give
@@ -51,8 +51,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
   """q [B, T, H, D], k/v [B, S, KVH, D], segment ids [B, T] / [B, S] -> [B, T, H, D].
 
   Tokens attend only within their segment id (and not ahead when `causal`); logits are
-  multiplied by `scale` (None = 1/sqrt(D)). Every query must see at least one key (true for
-  self-attention, where a token sees itself), or the kernel's softmax has nothing to sum.
+  multiplied by `scale` (None = 1/sqrt(D)). A query that sees no key (padding whose segment the
+  keys lack) gets the mean of the values, as XLA's softmax over all-masked logits gives.
   """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   heads_major = lambda x: jnp.swapaxes(x, 1, 2)
