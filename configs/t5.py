@@ -1,9 +1,10 @@
 """T5-style encoder–decoder pretraining by span corruption (model/t5.py, T5 v1.1 conventions:
 relative position bias, unscaled attention logits, gated-GELU MLP, untied output, no biases).
 
-Presets: tiny (CPU, byte tokenizer on the synthetic corpus), and shapes declared for planning:
-small, base and xl (T5 v1.1 sizes; SentencePiece vocabulary of 32k + 100 sentinels).
-Prefix-LM instead of span corruption: --config.objective.name=prefix_lm --config.data.task=lm.
+Presets: tiny (CPU, byte tokenizer on the synthetic corpus); tiny_prefix_lm (the same model
+trained as a prefix-LM on plain 'lm' rows: encoder reads a random prefix of each example, decoder
+continues it); and shapes declared for planning: small, base and xl (T5 v1.1 sizes;
+SentencePiece vocabulary of 32k + 100 sentinels).
 Launch: python -m experiments.run --config=configs/t5.py:tiny --workdir=DIR
 """
 
@@ -12,7 +13,8 @@ from configs.base import base_config
 
 def get_config(preset: str = 'tiny'):
   c = base_config()
-  presets = {'tiny': _tiny, 'small': _small, 'base': _base, 'xl': _xl}
+  presets = {'tiny': _tiny, 'tiny_prefix_lm': _tiny_prefix_lm, 'small': _small, 'base': _base,
+             'xl': _xl}
   if preset not in presets:
     raise ValueError(f'configs/t5.py: unknown preset {preset!r}; choose one of {sorted(presets)}.')
   c.objective.name = 'span_corruption'
@@ -28,8 +30,14 @@ def _tiny(c):
   c.model.update(vocab_size=384, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4,
                  head_dim=16, mlp_dim=128)
   c.data.seq_len = 128
-  c.train.update(steps=300, batch_size=16, learning_rate=3e-3, warmup_steps=30)
+  c.train.update(steps=300, batch_size=16, learning_rate=3e-3, warmup_steps=30,
+                 eval_every_steps=100, eval_batches=2, eval_decode_batches=1)
   c.checkpoint.every_steps = 100
+
+
+def _tiny_prefix_lm(c):
+  _tiny(c)
+  c.objective.name, c.data.task = 'prefix_lm', 'lm'
 
 
 def _v1_1(c, d_model, num_layers, num_heads, head_dim, mlp_dim):
