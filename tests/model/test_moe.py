@@ -1,7 +1,9 @@
-"""MoE block: both dispatches against a dense every-expert reference, exact drops, aux-loss
-formula, layer patterns, and sharded (expert-parallel) runs equal to one device."""
+"""MoE block: both dispatches and both grouped matmuls against a dense every-expert reference,
+exact drops, padding left unrouted, aux-loss formula, layer patterns, and expert-parallel meshes
+(all_to_all dropless, capacity) equal to one device in loss and gradients."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,22 +15,33 @@ from flax.core import meta
 from model import ModelConfig, build_model
 from model.flops import active_layer_params
 from model.moe import MOE_COLLECTION, MoE, capacity, load_balance_loss, moe_metrics
-from tests.helpers import packed_batch, partitioner, tiny_config
-from train.objectives import build_objective
+from tests.helpers import packed_batch, partitioner
 from train.optimizer import with_surrogate_updates
 
+# Blocks of 4 rows: experts span several blocks and most end in padding rows.
 CFG = ModelConfig(d_model=16, mlp_dim=24, num_experts=4, num_experts_per_tok=2,
-                  num_shared_experts=1, expert_mlp_dim=8)
+                  num_shared_experts=1, expert_mlp_dim=8, moe_block_size=4)
+SHAPE = (2, 12)
 
 
-def _setup(cfg, shape=(2, 12)):
-  x = jax.random.normal(jax.random.key(1), shape + (cfg.d_model,))
-  params = meta.unbox(MoE(cfg).init(jax.random.key(0), x)['params'])
-  return x, params
+def _host_params(module, *args):
+  """Parameters of `module`'s shapes drawn on the host, normal / sqrt(fan-in): compiling its
+  initializers would cost more than the tests that use them."""
+  shapes = meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *args)['params'])
+  rng = np.random.RandomState(0)
+  return jax.tree.map(lambda s: jnp.asarray(
+      rng.standard_normal(s.shape) / np.sqrt(s.shape[-2] if s.ndim > 1 else 1), s.dtype), shapes)
 
 
-def _apply(cfg, params, x):
-  out, stats = MoE(cfg).apply({'params': params}, x, mutable=[MOE_COLLECTION])
+@pytest.fixture(scope='module')
+def setup():
+  x = jax.random.normal(jax.random.key(1), SHAPE + (CFG.d_model,))
+  return x, _host_params(MoE(CFG), x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(cfg, params, x, valid=None):
+  out, stats = MoE(cfg).apply({'params': params}, x, valid, mutable=[MOE_COLLECTION])
   return out, moe_metrics(stats)
 
 
@@ -50,15 +63,15 @@ def _reference(cfg, p, x, keep=None):
   every = jnp.einsum('blef,efd->bled', h, p['wo'])
   s = p['shared']
   shared = (jax.nn.silu(x @ s['wi_0']['kernel']) * (x @ s['wi_1']['kernel'])) @ s['wo']['kernel']
-  return jnp.einsum('bled,ble->bld', every, combine) + shared, ids
+  return jnp.einsum('bled,ble->bld', every, combine) + shared, np.asarray(ids)
 
 
-@pytest.mark.parametrize('score,renormalize,scaling', [('softmax', True, 1.0),
-                                                       ('sigmoid', False, 2.5)])
-def test_dropless_equals_dense_every_expert_reference(score, renormalize, scaling):
+@pytest.mark.parametrize('score,renormalize,scaling,matmul', [
+    ('softmax', True, 1.0, 'blocked'), ('sigmoid', False, 2.5, 'ragged_dot')])
+def test_dropless_equals_dense_every_expert_reference(setup, score, renormalize, scaling, matmul):
   cfg = dataclasses.replace(CFG, router_score=score, renormalize=renormalize,
-                            routed_scaling=scaling)
-  x, params = _setup(cfg)
+                            routed_scaling=scaling, moe_grouped_matmul=matmul)
+  x, params = setup
   out, metrics = _apply(cfg, params, x)
   expected, _ = _reference(cfg, params, x)
   np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
@@ -70,34 +83,58 @@ def test_dropless_equals_dense_every_expert_reference(score, renormalize, scalin
   np.testing.assert_allclose(metrics['moe_aux_loss'][0], expected_aux, rtol=1e-6)
 
 
-def test_capacity_with_room_for_all_equals_dropless():
-  x, params = _setup(CFG)
+def test_capacity_with_room_for_all_equals_dropless(setup):
+  x, params = setup
   roomy = dataclasses.replace(CFG, moe_dispatch='capacity', capacity_factor=CFG.num_experts)
   out, metrics = _apply(roomy, params, x)
   np.testing.assert_allclose(out, _apply(CFG, params, x)[0], atol=1e-5, rtol=1e-5)
   assert float(metrics['moe_dropped'][0]) == 0.0
 
 
-def test_small_capacity_drops_exactly_the_overflow_pairs():
+def test_small_capacity_drops_exactly_the_overflow_pairs_and_padding_takes_no_slot(setup):
   cfg = dataclasses.replace(CFG, moe_dispatch='capacity', capacity_factor=0.5)
-  x, params = _setup(cfg)
+  x, params = setup
   _, ids = _reference(cfg, params, x)
-  ids = np.asarray(ids)
+  valid = np.ones(SHAPE, bool)
+  valid[0, 2:5] = False              # padding early in a row, where it would have taken slots
   cap = capacity(cfg, x.shape[1])
   assert cap == 3
-  # Within a sequence, first choices of all tokens come before second choices, in token order.
+  # Within a sequence, first choices of all tokens come before second choices, in token order;
+  # padding tokens are skipped.
   keep = np.zeros(ids.shape, np.float32)
   for b in range(ids.shape[0]):
     taken = [0] * cfg.num_experts
     for j in range(ids.shape[2]):
-      for t in range(ids.shape[1]):
+      for t in np.flatnonzero(valid[b]):
         keep[b, t, j] = taken[ids[b, t, j]] < cap
         taken[ids[b, t, j]] += 1
-  assert 0 < keep.sum() < keep.size
-  out, metrics = _apply(cfg, params, x)
+  routed = 2 * valid.sum()
+  assert 0 < keep.sum() < routed
+  out, metrics = _apply(cfg, params, x, jnp.asarray(valid))
   np.testing.assert_allclose(out, _reference(cfg, params, x, keep)[0], atol=1e-5, rtol=1e-5)
-  dropped, routed = metrics['moe_dropped']
-  assert (float(dropped), float(routed)) == (keep.size - keep.sum(), keep.size)
+  dropped, count = metrics['moe_dropped']
+  assert (float(dropped), float(count)) == (routed - keep.sum(), routed)
+
+
+@pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
+def test_padding_gets_no_routed_output_and_counts_in_no_statistic(setup, dispatch):
+  cfg = dataclasses.replace(CFG, moe_dispatch=dispatch, capacity_factor=CFG.num_experts)
+  x, params = setup
+  valid = np.arange(SHAPE[1]) < np.array([[12], [7]])     # row 1 ends in 5 padding tokens
+  out, metrics = _apply(cfg, params, x, jnp.asarray(valid))
+  keep = np.broadcast_to(valid[..., None], SHAPE + (2,)).astype(np.float32)
+  expected, ids = _reference(cfg, params, x, keep)
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)    # padding: shared only
+  load = np.bincount(ids[valid].ravel(), minlength=4) / (2 * valid.sum())
+  np.testing.assert_allclose([metrics[f'moe_load_e{i:02d}'][0] for i in range(4)], load,
+                             rtol=1e-6)
+  logits = np.asarray(x @ params['router'])[valid]
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_allclose(metrics['moe_load_balance'][0], 4 * np.sum(load * probs.mean(0)),
+                             rtol=1e-5)
+  z = np.log(np.exp(logits).sum(-1)) ** 2
+  np.testing.assert_allclose(metrics['moe_router_z'][0], z.mean(), rtol=1e-5)
+  assert tuple(map(float, metrics['moe_dropped'])) == (0.0, 2.0 * valid.sum())
 
 
 def test_load_balance_loss_matches_its_formula_on_hand_built_routing():
@@ -149,58 +186,91 @@ def test_layer_patterns_scan_and_place_moe_layers(dense, every, moe_layers):
                    jax.random.key(0), batch['inputs'], batch['positions'], batch['segment_ids'])
 
 
-def _loss_and_grads(part, objective, params, batch):
-  _, shardings = part.abstract(objective.init_fn, jax.random.key(0))
-  params = jax.device_put(params, shardings)
-  batch = jax.device_put(batch, part.batch_sharding)
-
-  def fn(p, b):
-    def loss(p):
-      metrics = objective.loss_fn(p, b, jax.random.key(1), train=True)
-      return metrics['loss'][0], metrics
-    return jax.grad(loss, has_aux=True)(p)
-
-  grads, metrics = part.jit(fn, in_shardings=(shardings, part.batch_sharding),
-                            out_shardings=(shardings, part.replicated))(params, batch)
-  return grads, metrics, params
+def test_decoder_routes_only_its_real_tokens():
+  cfg = dataclasses.replace(CFG, vocab_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                            head_dim=8)
+  batch = packed_batch(2, 12, cfg.vocab_size)      # each row ends in padding
+  model = build_model(cfg)
+  args = (batch['inputs'], batch['positions'], batch['segment_ids'])
+  _, stats = jax.jit(functools.partial(model.apply, mutable=[MOE_COLLECTION]))(
+      {'params': _host_params(model, *args)}, *args)
+  real = int(np.sum(batch['segment_ids'] > 0))
+  assert real < batch['segment_ids'].size
+  assert float(moe_metrics(stats)['moe_dropped'][1]) == cfg.num_experts_per_tok * real
 
 
-# Each dispatch on one of the two meshes keeps the compiles (the cost of this test) to four.
-@pytest.mark.parametrize('dispatch,axes', [('capacity', dict(expert=4, data=2)),
-                                           ('dropless', dict(expert=2, fsdp=2, tensor=2))],
+# Sharded = one device for every dispatch. 'blocked' runs with a router bias that sends every
+# token to experts 0 and 1: on the expert=2 mesh one device holds both, on expert=4 each takes
+# all tokens, the worst cases that the dropless send buffers are sized for.
+VARIANTS = {'blocked': dict(router_bias_update_rate=0.01),
+            'ragged_dot': dict(moe_grouped_matmul='ragged_dot'),
+            'capacity': dict(moe_dispatch='capacity', capacity_factor=1.0)}
+SHARD_SHAPE = (8, 6)        # 6 tokens per device on 8 devices
+
+
+def _loss_and_grads(cfg, params, x, valid):
+  def loss(p, x):
+    out, stats = MoE(cfg).apply({'params': p}, x, valid, mutable=[MOE_COLLECTION])
+    metrics = moe_metrics(stats)
+    return jnp.sum(out * jnp.cos(x)) + metrics['moe_aux_loss'][0], metrics
+  return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+
+@pytest.fixture(scope='module')
+def one_device(setup):
+  """Per variant: (cfg, params, x, valid, one-device grads and metrics) off any mesh."""
+  x = jax.random.normal(jax.random.key(2), SHARD_SHAPE + (CFG.d_model,))
+  valid = jnp.asarray(np.arange(SHARD_SHAPE[1]) < np.arange(8, 0, -1)[:, None] % 7 + 1)
+  out = {}
+  for name, overrides in VARIANTS.items():
+    cfg = dataclasses.replace(CFG, moe_block_size=2, **overrides)
+    params = dict(setup[1])
+    if cfg.router_bias_update_rate:
+      params['router_bias'] = jnp.array([10.0, 10.0, 0.0, 0.0])
+    out[name] = (cfg, params, x, valid,
+                 jax.jit(functools.partial(_loss_and_grads, cfg))(params, x, valid))
+  return out
+
+
+@pytest.mark.parametrize('axes', [dict(expert=4, data=2), dict(expert=2, fsdp=2, tensor=2)],
                          ids=str)
-def test_expert_parallel_mesh_equals_one_device(dispatch, axes):
-  config = tiny_config(num_layers=1, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
-                       expert_mlp_dim=32, moe_dispatch=dispatch, capacity_factor=1.0)
-  objective = build_objective('causal_lm', build_model(
-      ModelConfig.from_dict(config.model.to_dict())), config)
-  single = partitioner()
-  params, _ = single.init(objective.init_fn, jax.random.key(0))
-  batch = packed_batch(8, config.data.seq_len, config.model.vocab_size)
-  ref_grads, ref_metrics, _ = _loss_and_grads(single, objective, params, batch)
-  if dispatch == 'capacity':
-    assert float(ref_metrics['moe_dropped'][0]) > 0    # drops must agree across meshes too
-  grads, metrics, placed = _loss_and_grads(partitioner(**axes), objective, params, batch)
-  for name, (s, c) in ref_metrics.items():
-    np.testing.assert_allclose(metrics[name][0], s, rtol=1e-5, err_msg=name)
-    np.testing.assert_allclose(metrics[name][1], c, rtol=1e-6, err_msg=name)
-  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(np.abs(r).max()))
-  # Each device holds only its experts' slice of the expert kernels.
-  wi = placed['layers']['moe']['mlp']['wi_0']     # [layers, expert, embed, mlp]
-  assert wi.addressable_shards[0].data.shape == (
-      1, 4 // axes['expert'], 64 // axes.get('fsdp', 1), 32 // axes.get('tensor', 1))
+def test_expert_parallel_mesh_equals_one_device(one_device, axes):
+  part = partitioner(**axes)
+  tokens = part.sharding(('batch', 'length', 'embed'))
+  for name, (cfg, params, x, valid, (ref_grads, ref_metrics)) in one_device.items():
+    if name == 'blocked':
+      assert float(ref_metrics['moe_load_e00'][0]) == float(ref_metrics['moe_load_e01'][0]) == 0.5
+    if name == 'capacity':
+      assert float(ref_metrics['moe_dropped'][0]) > 0    # drops must agree across meshes too
+    _, shardings = part.abstract(lambda r: MoE(cfg).init(r, x, valid)['params'],
+                                 jax.random.key(0))
+    args = (jax.device_put(params, shardings), jax.device_put(x, tokens),
+            jax.device_put(valid, part.sharding(('batch', 'length'))))
+    compiled = part.jit(functools.partial(_loss_and_grads, cfg),
+                        out_shardings=((shardings, tokens), part.replicated)).lower(*args).compile()
+    if cfg.moe_dispatch == 'dropless':
+      assert 'all-to-all' in compiled.as_text(), name
+    grads, metrics = compiled(*args)
+    for key, (s, c) in ref_metrics.items():
+      np.testing.assert_allclose(metrics[key][0], s, rtol=1e-5, atol=1e-6, err_msg=name + key)
+      np.testing.assert_allclose(metrics[key][1], c, rtol=1e-6, err_msg=name + key)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(np.abs(r).max()),
+                                 err_msg=name)
+    # Each device holds only its experts' slice of the expert kernels.
+    assert args[0]['wi_0'].addressable_shards[0].data.shape == (
+        4 // axes['expert'], 16 // axes.get('fsdp', 1), 8 // axes.get('tensor', 1))
 
 
-def test_aux_free_bias_moves_by_rate_times_sign_of_load_gap_and_leaves_the_loss_alone():
+def test_aux_free_bias_moves_by_rate_times_sign_of_load_gap_and_leaves_the_loss_alone(setup):
   cfg = dataclasses.replace(CFG, router_bias_update_rate=0.01)
-  x, params = _setup(cfg)
-  assert set(params) - set(_setup(CFG)[1]) == {'router_bias'}
+  x, no_bias = setup
+  params = dict(no_bias, router_bias=jnp.zeros((4,)))
+  assert set(jax.eval_shape(MoE(cfg).init, jax.random.key(0), x)['params']) == set(params)
 
   def aux(p):
     return _apply(cfg, p, x)[1]['moe_aux_loss'][0]
 
-  no_bias = {k: v for k, v in params.items() if k != 'router_bias'}
   np.testing.assert_allclose(aux(params), _apply(CFG, no_bias, x)[1]['moe_aux_loss'][0],
                              rtol=1e-6)
   load = np.array([float(_apply(cfg, params, x)[1][f'moe_load_e{i:02d}'][0]) for i in range(4)])
