@@ -33,6 +33,7 @@ BENCHMARKS = {
     'bench-s': ('configs.bench', 'bench-s'),
     'bench-m': ('configs.bench', 'bench-m'),
     'moe-tiny': ('configs.moe', 'tiny'),
+    'moe-tiny-dense': ('configs.lm', 'tiny'),   # moe-tiny's dense twin: same active params
     't5-tiny': ('configs.t5', 'tiny'),
     'encdec-decode': ('configs.t5', 'tiny'),
 }
