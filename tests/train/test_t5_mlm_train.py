@@ -123,3 +123,9 @@ def test_tiny_mlm_fills_masks_well_above_frequency_guessing(tmp_path):
   history = read_metrics(tmp_path / 'mlm')
   accuracy = np.mean([r['accuracy'] for r in history[-2:]])
   assert accuracy > frequency_guess + 0.15, (accuracy, frequency_guess)
+
+
+def test_decoding_eval_needs_an_encoder_decoder_objective():
+  exp = Experiment.from_config(_config(mlm, 'tiny', {**SHRINK, 'train.eval_decode_batches': 1}))
+  with pytest.raises(ValueError, match=r'train.eval_decode_batches=1 needs an encoder-decoder'):
+    exp.jit_decode_step(None)
