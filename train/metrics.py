@@ -2,10 +2,24 @@
 
 import json
 import os
+import sys
 from typing import Optional
 
 import tqdm
-from tensorboardX import SummaryWriter
+
+
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported with torch hidden: tensorboardX imports torch when
+  it is installed (3 s per launcher process) only to accept torch tensors; we log floats."""
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None   # makes `import torch` raise ImportError, which it handles
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules['torch']
+  return SummaryWriter
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
@@ -29,7 +43,7 @@ class MetricsWriter:
     path = os.path.join(workdir, 'metrics.jsonl')
     truncate_metrics(path, start_step)
     self._jsonl = open(path, 'a')
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb = _summary_writer()(os.path.join(workdir, 'tensorboard'))
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
 
   def write(self, step: int, values: dict) -> None:
