@@ -6,7 +6,10 @@ Dispatch paths (model.moe_dispatch):
   'expert' mesh axis; an all_to_all sends each chunk to the device holding its experts, the
   experts run as a grouped matmul (model.moe_grouped_matmul), and an all_to_all brings the
   results back. A chunk holds its destination's worst case (every pair of the sending device),
-  so nothing is ever dropped, and only filled blocks are computed. The grouped matmul is
+  so nothing is ever dropped, and only filled blocks are computed; with an expert mesh axis
+  that is mesh-size times the mean, so model.moe_exchange_factor > 0 may bound a chunk to that
+  many times its mean pairs instead: a chunk's overflow (its last experts' last tokens) is then
+  dropped and counted like the capacity dispatch's. The grouped matmul is
   'blocked' (a loop over the filled blocks, one matmul each with its expert's kernel: XLA:CPU
   lowers ragged_dot to a dense matmul of every expert with every row) or 'ragged_dot' (native
   on GPU/TPU; block size 1).
@@ -203,17 +206,20 @@ def _grouped_ffn(cfg: ModelConfig, impl: str, kernels: tuple, x: jax.Array,
   return jnp.zeros_like(y).at[order].set(y).reshape(x.shape[:2] + y.shape[-1:])
 
 
-def _dispatch_plan(ids: jax.Array, valid: jax.Array, num_experts: int, groups: int, block: int):
+def _dispatch_plan(ids: jax.Array, valid: jax.Array, num_experts: int, groups: int, block: int,
+                   factor: float = 0.0):
   """Where one device's token-expert pairs go in its send buffer of `groups` chunks.
 
   Chunk d holds the pairs of experts d*E/groups ... (d+1)*E/groups - 1 (the experts of the d-th
-  device along the expert mesh axes) sorted by expert, each expert's rows padded to a multiple
-  of `block`. A chunk has room for the worst case, every pair of ids [T, k] going to it, so
-  nothing is dropped. Pairs of tokens that are not `valid` [T] are not sent.
+  device along the expert mesh axes) sorted by expert, then token, each expert's rows padded to
+  a multiple of `block`. A chunk has room for the worst case, every pair of ids [T, k] that can
+  go to it, or with `factor` > 0 (and groups > 1) for `factor` times its mean pairs (plus
+  padding): pairs past its end are dropped. Pairs of tokens not `valid` [T] are not sent.
 
   Returns (slot_pair [groups * rows]: the pair (t * k + j) in each buffer row, T * k if none;
   pair_slot [T * k]: each pair's buffer row, groups * rows if unsent; block_expert
-  [groups, rows / block]: each block's expert within its chunk, E / groups if empty).
+  [groups, rows / block]: each block's expert within its chunk, E / groups if empty;
+  the number of valid pairs dropped).
   """
   t, k = ids.shape
   n, local = t * k, num_experts // groups
@@ -226,7 +232,10 @@ def _dispatch_plan(ids: jax.Array, valid: jax.Array, num_experts: int, groups: i
   starts = ends.reshape(-1) - padded                    # chunk row of an expert's first pair
   # A token's k experts are distinct, so at most t * min(k, local) pairs share a chunk; padding
   # adds under `block` rows per expert, and the blocks hold the sum rounded down.
-  rows = (t * min(k, local) + local * (block - 1)) // block * block
+  room = t * min(k, local)
+  if factor and groups > 1:
+    room = min(room, math.ceil(factor * n / groups))
+  rows = (room + local * (block - 1)) // block * block
   r = jnp.arange(rows)
   within = jax.vmap(lambda e: jnp.searchsorted(e, r, side='right'))(ends)   # [groups, rows]
   expert = jnp.minimum(within, local - 1) + local * jnp.arange(groups)[:, None]
@@ -235,16 +244,19 @@ def _dispatch_plan(ids: jax.Array, valid: jax.Array, num_experts: int, groups: i
   slot_pair = jnp.where(filled, order[jnp.minimum(first[expert] + rank, n - 1)], n)
   sorted_key = key[order]
   e = jnp.minimum(sorted_key, num_experts - 1)
-  slot = (e // local) * rows + starts[e] + jnp.arange(n) - first[e]
-  slot = jnp.where(sorted_key < num_experts, slot, groups * rows)
+  row = starts[e] + jnp.arange(n) - first[e]
+  sent = (sorted_key < num_experts) & (row < rows)
+  slot = jnp.where(sent, (e // local) * rows + row, groups * rows)
   pair_slot = jnp.zeros((n,), jnp.int32).at[order].set(slot, unique_indices=True)
-  return slot_pair.reshape(-1), pair_slot, within[:, ::block]
+  dropped = jnp.sum(sorted_key < num_experts) - jnp.sum(sent)
+  return slot_pair.reshape(-1), pair_slot, within[:, ::block], dropped
 
 
 def _dropless_shard(cfg: ModelConfig, impl: str, token_axes: tuple, expert_axes: tuple,
                     mlp_axes: tuple, x, ids, weights, valid, kernels):
   """Dropless dispatch of the tokens x [B, L, D] one device holds (or of all, off a mesh):
-  the tokens differ along `token_axes`, which include the `expert_axes`.
+  the tokens differ along `token_axes`, which include the `expert_axes`. Returns the routed
+  output and the pairs dropped by a bounded exchange (model.moe_exchange_factor) on all devices.
 
   `kernels` hold this device's experts (a slice along `expert_axes`) and, with `mlp_axes`, a
   slice of their hidden width whose partial outputs are summed over those axes.
@@ -253,8 +265,9 @@ def _dropless_shard(cfg: ModelConfig, impl: str, token_axes: tuple, expert_axes:
   k = ids.shape[-1]
   groups = cfg.num_experts // kernels[0].shape[0]
   block = cfg.moe_block_size if impl == 'blocked' else 1
-  slot_pair, pair_slot, block_expert = _dispatch_plan(
-      ids.reshape(b * l, k), valid.reshape(-1), cfg.num_experts, groups, block)
+  slot_pair, pair_slot, block_expert, dropped = _dispatch_plan(
+      ids.reshape(b * l, k), valid.reshape(-1), cfg.num_experts, groups, block,
+      cfg.moe_exchange_factor)
   send = jnp.take(x.reshape(b * l, d), slot_pair // k, axis=0, mode='fill', fill_value=0)
 
   def exchange(a):   # chunk i to the i-th device along the expert axes, theirs back in its place
@@ -273,7 +286,9 @@ def _dropless_shard(cfg: ModelConfig, impl: str, token_axes: tuple, expert_axes:
   out = jnp.einsum('tkd,tk->td', pairs, weights.reshape(b * l, k).astype(pairs.dtype))
   if mlp_axes:
     out = jax.lax.psum(out, mlp_axes)
-  return out.reshape(b, l, d)
+  if token_axes:
+    dropped = jax.lax.psum(dropped, token_axes)
+  return out.reshape(b, l, d), dropped.astype(jnp.float32)
 
 
 def _axes(spec_entry) -> tuple:
@@ -303,9 +318,10 @@ def _mesh_layout(shape: tuple[int, ...]):
   return batch, length, expert, mlp
 
 
-def dropless(cfg: ModelConfig, x, ids, weights, valid, kernels) -> jax.Array:
-  """Routed experts' output [B, L, D] of x [B, L, D] with ids/weights [B, L, k], no pair
-  dropped; per device (shard_map) with all_to_all over the expert axes on a mesh."""
+def dropless(cfg: ModelConfig, x, ids, weights, valid, kernels) -> tuple[jax.Array, jax.Array]:
+  """(Routed experts' output [B, L, D] of x [B, L, D] with ids/weights [B, L, k], pairs
+  dropped: 0 unless model.moe_exchange_factor bounds the exchange); per device (shard_map)
+  with all_to_all over the expert axes on a mesh."""
   impl = grouped_matmul_impl(cfg)
   layout = _mesh_layout(x.shape)
   if layout is None:
@@ -316,7 +332,7 @@ def dropless(cfg: ModelConfig, x, ids, weights, valid, kernels) -> jax.Array:
   pairs = P(*tokens, None)
   fn = jax.shard_map(functools.partial(_dropless_shard, cfg, impl, batch + length, expert, mlp),
                      in_specs=(pairs, pairs, pairs, tokens, (up,) * (len(kernels) - 1) + (down,)),
-                     out_specs=pairs)
+                     out_specs=(pairs, P()))
   return fn(x, ids, weights, valid, kernels)
 
 
@@ -337,6 +353,9 @@ class MoE(nn.Module):
                        f'[1, model.num_experts={cfg.num_experts}].')
     if cfg.moe_block_size < 1:
       raise ValueError(f'model.moe_block_size={cfg.moe_block_size} must be positive.')
+    if cfg.moe_exchange_factor < 0:
+      raise ValueError(f'model.moe_exchange_factor={cfg.moe_exchange_factor} must be >= 0 '
+                       '(0 = room for the worst case).')
 
   def _kernels(self) -> tuple:
     """The routed experts' kernels [E, in, out] in the compute dtype: (wi_0, wi_1, wo) if the
@@ -390,7 +409,7 @@ class MoE(nn.Module):
     kernels = self._kernels()
     xc = x.astype(cfg.compute_dtype)
     if cfg.moe_dispatch == 'dropless':
-      out, dropped = dropless(cfg, xc, ids, weights, valid, kernels), jnp.zeros((), jnp.float32)
+      out, dropped = dropless(cfg, xc, ids, weights, valid, kernels)
     else:
       out, dropped = self._capacity(xc, ids, weights, valid, kernels)
     out = nn.with_logical_constraint(out.astype(cfg.compute_dtype), ('batch', 'length', 'embed'))
@@ -416,7 +435,8 @@ def moe_metrics(stats) -> dict:
   moe_aux_loss: the weighted balance + z terms summed over MoE layers (added to the loss);
   moe_load_balance, moe_router_z: per-layer means; moe_load_eNN: fraction of token-expert pairs
   sent to expert NN (1 / num_experts when balanced), mean over layers; moe_dropped: fraction of
-  pairs dropped by the capacity dispatch. Padding tokens count nowhere. Empty for a dense model.
+  pairs dropped (capacity dispatch, or a dropless exchange bounded by moe_exchange_factor).
+  Padding tokens count nowhere. Empty for a dense model.
   """
   by_name = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(stats):

@@ -262,6 +262,27 @@ def test_expert_parallel_mesh_equals_one_device(one_device, axes):
         4 // axes['expert'], 16 // axes.get('fsdp', 1), 8 // axes.get('tensor', 1))
 
 
+def test_bounded_exchange_drops_exactly_each_chunks_overflow(one_device):
+  cfg = dataclasses.replace(CFG, moe_block_size=2, moe_exchange_factor=0.5)
+  _, params, x, valid, _ = one_device['ragged_dot']
+  _, ids = _reference(cfg, params, x)
+  # One batch row and one expert per device: each device sends each expert at most
+  # ceil(0.5 * 12 pairs / 4 devices) = 2 pairs, in token order; the rest are dropped.
+  keep = np.zeros(ids.shape, np.float32)
+  for b in range(SHARD_SHAPE[0]):
+    sent = [0] * cfg.num_experts
+    for t in np.flatnonzero(valid[b]):
+      for j in range(ids.shape[2]):
+        keep[b, t, j] = sent[ids[b, t, j]] < 2
+        sent[ids[b, t, j]] += 1
+  routed = 2 * int(valid.sum())
+  assert 0 < keep.sum() < routed
+  out, metrics = partitioner(expert=4, data=2).jit(
+      lambda p, x, v: _apply(cfg, p, x, v))(params, x, valid)
+  np.testing.assert_allclose(out, _reference(cfg, params, x, keep)[0], atol=1e-5, rtol=1e-5)
+  assert tuple(map(float, metrics['moe_dropped'])) == (routed - keep.sum(), routed)
+
+
 def test_aux_free_bias_moves_by_rate_times_sign_of_load_gap_and_leaves_the_loss_alone(setup):
   cfg = dataclasses.replace(CFG, router_bias_update_rate=0.01)
   x, no_bias = setup
