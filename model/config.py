@@ -56,7 +56,6 @@ class ModelConfig:
   moe_grouped_matmul: str = 'auto'  # MoE dropless: ragged_dot | blocked | auto (GPU/TPU: ragged)
   moe_block_size: int = 64        # MoE 'blocked': rows per matmul; expert rows pad to a multiple
   moe_exchange_factor: float = 0.0  # MoE dropless a2a: room / mean pairs (drops overflow); 0 = all
-  moe_exchange_factor: float = 0.0  # MoE dropless a2a: room / mean pairs (drops overflow); 0 = all
   load_balance_loss: float = 0.01  # MoE: coefficient of the Switch load-balancing loss
   router_z_loss: float = 0.001    # MoE: coefficient of the router z-loss
   router_bias_update_rate: float = 0.0  # MoE: DeepSeek-V3 aux-loss-free bias step; 0 = off
