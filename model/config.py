@@ -71,6 +71,9 @@ class ModelConfig:
   relative_buckets: int = 32      # relative position bias: buckets per direction pair (T5: 32)
   relative_max_distance: int = 128  # relative position bias: distances beyond share the last bucket
   scale_attention: bool = True    # logits / sqrt(head_dim); T5 leaves logits unscaled (False)
+  lora_rank: int = 0              # LoRA: rank of adapters on model.lora_targets; 0 = off
+  lora_alpha: float = 16.0        # LoRA: adapter output scale = lora_alpha / lora_rank
+  lora_targets: str = ''          # LoRA: comma-separated projection names (model/lora.py)
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> 'ModelConfig':

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model import lora
 from model.config import ModelConfig
 
 # name -> (function, gated). 'gelu' is the tanh approximation; 'gelu_exact' the erf form (BERT).
@@ -78,6 +79,7 @@ class Projection(nn.Module):
   """Contracts the last len(in_axes) dims of x with a kernel [*in, *features].
 
   The kernel's logical axes are `in_axes + out_axes`; the optional bias has `out_axes`.
+  A projection whose name is in `model.lora_targets` adds a LoRA adapter (model/lora.py).
   """
   cfg: ModelConfig
   features: tuple[int, ...]
@@ -99,7 +101,21 @@ class Projection(nn.Module):
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
                         self.out_axes), tuple(self.features), self.cfg.weight_dtype)
       y = y + bias.astype(dtype)
+    if lora.is_target(self.cfg, self.name):
+      y = y + self._adapter(x.astype(dtype), contract)
     return y
+
+  def _adapter(self, x: jax.Array, contract) -> jax.Array:
+    """scale * (x A) B with A [*in, rank], B [rank, *features]; W + A B is never formed, and
+    B starts at zero so a fresh adapter changes nothing."""
+    cfg, n_in = self.cfg, len(self.in_axes)
+    a = self.param('lora_a', kernel_init(self.in_axes + (None,), n_in),
+                   x.shape[-n_in:] + (cfg.lora_rank,), cfg.weight_dtype)
+    b = self.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                          (None,) + self.out_axes),
+                   (cfg.lora_rank,) + tuple(self.features), cfg.weight_dtype)
+    xa = jax.lax.dot_general(x, a.astype(x.dtype), (contract, ((), ())))
+    return jnp.tensordot(xa * lora.scale(cfg), b.astype(x.dtype), 1)
 
 
 class Embed(nn.Module):

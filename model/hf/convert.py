@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from model import build_model
+from model import build_model, init_inputs
 from model.config import ModelConfig
 from model.hf import safetensors_io
 from model.hf.families import hf_config, model_config
@@ -39,12 +39,6 @@ def abstract_params(cfg: ModelConfig) -> Any:
   model = build_model(cfg)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *init_inputs(cfg))['params'])
   return nn.meta.unbox(boxed)
-
-
-def init_inputs(cfg: ModelConfig) -> tuple:
-  """Smallest inputs that initialise `cfg`'s model (ids, positions, segment ids; twice for T5)."""
-  ids = jnp.zeros((1, 1), jnp.int32)
-  return (ids, ids, ids + 1) * (2 if cfg.family == 't5' else 1)
 
 
 def _key(path) -> tuple:

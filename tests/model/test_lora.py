@@ -1,0 +1,99 @@
+"""LoRA adapters: fresh ones change nothing, the unmerged forward equals the merged model's,
+adapters carry their kernel's logical axes, and target names that match no projection are
+refused naming the key. Weights are drawn from shapes (no init is compiled)."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import ModelConfig, build_model
+from model.hf import abstract_params
+from model.lora import base_config, is_adapter, merge_lora
+from model.param_tree import combine, partition
+from tests.model.test_t5 import MODEL_KEYS, seq2seq_batch
+
+SMALL = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+             mlp_dim=48, lora_rank=4, lora_alpha=8.0)
+CONFIGS = {
+    'decoder': ModelConfig(**SMALL, lora_targets='query,key,value,out,wi_0,wi_1,wo'),
+    # a leading dense layer and a shared expert: the MoE decoder's projections outside experts
+    'moe': ModelConfig(**dict(SMALL, num_layers=3), num_experts=4, first_dense_layers=1,
+                       num_shared_experts=1, lora_targets='query,value,out,wi_0,wo'),
+    't5': ModelConfig(**SMALL, family='t5', num_decoder_layers=3, activation='geglu',
+                      position_embedding='relative', scale_attention=False, relative_buckets=8,
+                      relative_max_distance=16, lora_targets='query,key,value,out,wi_1,wo'),
+    # unrolled layers, and the MLM head's dense projection
+    'encoder': ModelConfig(**SMALL, family='encoder', mlm_head=True, scan_layers=False,
+                           activation='gelu', lora_targets='query,value,wi,wo,dense'),
+}
+
+
+def _inputs(cfg):
+  if cfg.family == 't5':
+    batch = seq2seq_batch(2, 9, 7, cfg.vocab_size)
+    return tuple(batch[k] for k in MODEL_KEYS)
+  ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 8)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(8, dtype=np.int32), ids.shape)
+  return ids, positions, np.array([[1] * 8, [1] * 5 + [0] * 3], np.int32)
+
+
+def _draw(shapes, seed):
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), shapes)
+
+
+def _forward(cfg):
+  model = build_model(cfg)
+  inputs = _inputs(cfg)
+  return jax.jit(lambda params: model.apply({'params': params}, *inputs))
+
+
+@pytest.mark.parametrize('family', list(CONFIGS))
+def test_zero_b_is_the_base_model_and_the_merged_model_is_the_adapted_one(family):
+  cfg = CONFIGS[family]
+  adapters, base = partition(_draw(abstract_params(cfg), 0), is_adapter)
+  assert adapters, 'no adapter was created'
+  lora_forward, base_forward = _forward(cfg), _forward(base_config(cfg))
+  want = base_forward(base)
+  fresh = jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.zeros_like(a) if path[-1].key == 'lora_b' else a, adapters)
+  np.testing.assert_array_equal(lora_forward(combine(base, fresh)), want)
+
+  params = combine(base, adapters)   # random B: the adapters now change the function
+  adapted = lora_forward(params)
+  assert np.abs(adapted - want).max() > 1e-2
+  merged, merged_cfg = merge_lora(params, cfg)
+  assert merged_cfg == base_config(cfg)
+  assert jax.tree.structure(merged) == jax.tree.structure(base)
+  np.testing.assert_allclose(base_forward(merged), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_carry_the_kernels_logical_axes_and_the_layers_axis():
+  cfg = dataclasses.replace(CONFIGS['decoder'], lora_targets='query')
+  boxed = jax.eval_shape(lambda: build_model(cfg).init(jax.random.key(0), *_inputs(cfg))['params'])
+  query = boxed['layers']['attn']['query']
+  assert query['kernel'].names == ('layers', 'embed', 'heads', 'head_dim')
+  assert query['lora_a'].names == ('layers', 'embed', None)
+  assert query['lora_b'].names == ('layers', None, 'heads', 'head_dim')
+  assert nn.meta.unbox(query['lora_a']).shape == (2, 32, 4)
+  assert nn.meta.unbox(query['lora_b']).shape == (2, 4, 4, 8)
+  assert 'lora_a' not in boxed['layers']['attn']['key']   # not a target
+
+
+def test_unknown_or_missing_targets_are_refused_naming_the_key():
+  cfg = CONFIGS['decoder']
+  with pytest.raises(ValueError, match=r"model.lora_targets=.*\['wq'\] match no projection.*"
+                                       r"valid names: \['key', 'out', 'query', 'value', "
+                                       r"'wi_0', 'wi_1', 'wo'\]"):
+    build_model(dataclasses.replace(cfg, lora_targets='query,wq'))
+  with pytest.raises(ValueError, match=r"\['wi_1'\] match no projection"):   # experts are not
+    build_model(dataclasses.replace(CONFIGS['moe'], first_dense_layers=0, num_layers=2,
+                                    num_shared_experts=0, lora_targets='query,wi_1'))
+  with pytest.raises(ValueError, match='model.lora_rank=4 needs model.lora_targets'):
+    build_model(dataclasses.replace(cfg, lora_targets=''))
+  with pytest.raises(ValueError, match="model.lora_targets='query' needs model.lora_rank > 0"):
+    build_model(dataclasses.replace(cfg, lora_rank=0, lora_targets='query'))
