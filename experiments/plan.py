@@ -77,8 +77,8 @@ def plan(config, device: Optional[str] = None) -> dict:
   lowered = exp.jit_train_step(shardings).lower(state, batch)
   compiled = lowered.compile()
   mem = compiled.memory_analysis()
-  params = _bytes_per_device(state.params)
-  grads = params   # gradients have the parameters' shapes, dtypes and shardings
+  params = _bytes_per_device(state.model_params())
+  grads = _bytes_per_device(state.params)   # shapes, dtypes and shardings of the trained ones
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes)
   try:

@@ -42,6 +42,11 @@ def is_adapter(path: tuple) -> bool:
   return path[-1] in ADAPTER_NAMES
 
 
+def split_adapters(params: dict) -> tuple[dict, dict]:
+  """(the adapters, every other parameter), each nested as in `params`."""
+  return partition(params, is_adapter)
+
+
 def base_config(cfg: ModelConfig) -> ModelConfig:
   """`cfg` without LoRA: the model whose weights the adapters sit on."""
   return dataclasses.replace(cfg, lora_rank=0, lora_targets='')
@@ -85,7 +90,7 @@ def merge_lora(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   kernel + scale * A B and the adapters are dropped. Without LoRA, returned unchanged."""
   if not cfg.lora_rank:
     return params, cfg
-  adapters, merged = partition(params, is_adapter)
+  adapters, merged = split_adapters(params)
 
   def fold(tree, adapter):
     for name, sub in adapter.items():

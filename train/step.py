@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from model.param_tree import combine
 from train.objectives.base import Objective
 from train.state import TrainState
 
@@ -31,12 +32,14 @@ def _microbatches(batch: dict, n: int, shards: int) -> dict:
 def make_train_step(objective: Objective, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, seed: int, grad_accum_steps: int = 1,
                     batch_shards: int = 1) -> Callable:
-  """(state, batch) -> (state, metrics). The step's RNG is fold_in(key(seed), step), so a
-  resumed run draws exactly the numbers of the run that never stopped. `batch_shards` is how
-  many ways the batch is split over devices (Partitioner.batch_shards)."""
+  """(state, batch) -> (state, metrics). Gradients are taken with respect to the trained
+  `state.params` only (the frozen ones are constants, so XLA computes no gradient for them).
+  The step's RNG is fold_in(key(seed), step), so a resumed run draws exactly the numbers of
+  the run that never stopped. `batch_shards` is how many ways the batch is split over devices
+  (Partitioner.batch_shards)."""
 
-  def loss_and_metrics(params, batch, rng):
-    metrics = objective.loss_fn(params, batch, rng, train=True)
+  def loss_and_metrics(params, frozen, batch, rng):
+    metrics = objective.loss_fn(combine(params, frozen), batch, rng, train=True)
     return metrics['loss'][0], metrics
 
   grad_fn = jax.grad(loss_and_metrics, has_aux=True)
@@ -44,17 +47,18 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     if grad_accum_steps == 1:
-      grads, metrics = grad_fn(state.params, batch, rng)
+      grads, metrics = grad_fn(state.params, state.frozen, batch, rng)
     else:
       micro = _microbatches(batch, grad_accum_steps, batch_shards)
 
       def body(carry, xs):
         mb, i = xs
-        return _add(carry, grad_fn(state.params, mb, jax.random.fold_in(rng, i))), None
+        return _add(carry, grad_fn(state.params, state.frozen, mb,
+                                   jax.random.fold_in(rng, i))), None
 
       first = jax.tree.map(lambda x: x[0], micro)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                           jax.eval_shape(grad_fn, state.params, first, rng))
+                           jax.eval_shape(grad_fn, state.params, state.frozen, first, rng))
       (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum_steps)))
     denom = jnp.maximum(metrics['loss'][1], 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)

@@ -4,6 +4,7 @@ import dataclasses
 import os
 import time
 
+import flax.linen as nn
 import jax
 from absl import logging
 
@@ -11,6 +12,8 @@ from data.pipeline import build_pipeline, target_length
 from model import ModelConfig, build_model
 from model.flops import flops_per_token
 from model.hf import init_params
+from model.lora import split_adapters
+from model.param_tree import combine
 from train.checkpoint import Checkpointer
 from train.hardware import peak_flops
 from train.metrics import MetricsWriter
@@ -19,6 +22,7 @@ from train.optimizer import make_optimizer
 from train.sharding import Partitioner
 from train.state import TrainState
 from train.step import make_eval_step, make_train_step, summarize
+from train.trainable import trainable
 
 
 @dataclasses.dataclass
@@ -31,6 +35,7 @@ class Experiment:
   objective: object
   tx: object
   schedule: object
+  trains: object     # path -> whether the optimizer trains that parameter (train/trainable.py)
 
   @classmethod
   def from_config(cls, config, devices=None) -> 'Experiment':
@@ -38,18 +43,23 @@ class Experiment:
     model = build_model(model_cfg)
     tx, schedule = make_optimizer(config.train)
     return cls(config, Partitioner.from_config(config, devices), model_cfg, model,
-               build_objective(config.objective.name, model, config), tx, schedule)
+               build_objective(config.objective.name, model, config), tx, schedule,
+               trainable(config))
 
   def init_state(self, rng) -> TrainState:
     """Logically boxed step-0 state (traced under eval_shape or jit by the Partitioner)."""
-    return TrainState.create(self.objective.init_fn(rng), self.tx)
+    return TrainState.create(self.objective.init_fn(rng), self.tx, self.trains)
 
   def jit_state_from_params(self, state_shardings):
-    """(params) -> step-0 state around them: only the optimizer state is initialised (from the
-    params' shapes and shardings) and the params are donated, so the peak is params +
-    optimizer state, with no random parameters made and dropped (init_from)."""
-    return self.partitioner.jit(lambda params: TrainState.create(params, self.tx),
-                                in_shardings=(state_shardings.params,),
+    """(loaded, rng) -> step-0 state around the `loaded` params (init_from: every parameter
+    but the LoRA adapters). The adapters are initialised from `rng` as a random init would
+    draw them; XLA drops the rest of that init, so no other random parameter is made. The
+    loaded params are donated, so the peak is params + optimizer state."""
+    def create(loaded, rng):
+      adapters, _ = split_adapters(nn.meta.unbox(self.objective.init_fn(rng)))
+      return TrainState.create(combine(loaded, adapters), self.tx, self.trains)
+    _, loaded_shardings = split_adapters(state_shardings.model_params())
+    return self.partitioner.jit(create, in_shardings=(loaded_shardings, None),
                                 out_shardings=state_shardings, donate_argnums=(0,))
 
   def jit_train_step(self, state_shardings):
@@ -108,7 +118,8 @@ def train(config, workdir: str) -> TrainState:
   exp = Experiment.from_config(c)
   rng = jax.random.key(c.seed)
   abstract, shardings = exp.partitioner.abstract(exp.init_state, rng)
-  replicated = exp.partitioner.replicated_params(shardings.params, abstract.params)
+  replicated = exp.partitioner.replicated_params(shardings.model_params(),
+                                                 abstract.model_params())
   if replicated:
     logging.warning('Parameters replicated on a sharded mesh %s: %s',
                     dict(exp.partitioner.mesh.shape), ', '.join(replicated))
@@ -120,8 +131,8 @@ def train(config, workdir: str) -> TrainState:
   if start is None:
     start = 0
     if c.init_from:
-      params = init_params(c.init_from, exp.model_cfg, shardings.params)
-      state = exp.jit_state_from_params(shardings)(params)
+      params = init_params(c.init_from, exp.model_cfg, shardings.model_params())
+      state = exp.jit_state_from_params(shardings)(params, rng)
     else:
       state, _ = exp.partitioner.init(exp.init_state, rng)
   else:
@@ -134,8 +145,9 @@ def train(config, workdir: str) -> TrainState:
       f.write(c.to_json_best_effort(indent=2))
 
   train_step = exp.jit_train_step(shardings)
-  eval_step = exp.jit_eval_step(shardings.params) if c.train.eval_every_steps > 0 else None
-  decode_step = (exp.jit_decode_step(shardings.params)
+  param_shardings = shardings.model_params()
+  eval_step = exp.jit_eval_step(param_shardings) if c.train.eval_every_steps > 0 else None
+  decode_step = (exp.jit_decode_step(param_shardings)
                  if eval_step is not None and c.train.eval_decode_batches > 0 else None)
   tokens_per_step = c.train.batch_size * c.data.seq_len
   model_flops = exp.flops_per_token()
@@ -157,7 +169,7 @@ def train(config, workdir: str) -> TrainState:
         values.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * model_flops / peak)
         timer, timed_steps = time.perf_counter(), 0
       if eval_step is not None and done % c.train.eval_every_steps == 0:
-        values.update(_evaluate(exp, eval_step, state.params, decode_step))
+        values.update(_evaluate(exp, eval_step, state.model_params(), decode_step))
         timer = time.perf_counter()   # evaluation (and its compile) is not training throughput
       writer.write(done, values)
     if ckpt.should_save(done) or done == c.train.steps:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from model import build_model, init_inputs
+from model import build_model, init_inputs, lora
 from model.config import ModelConfig
 from model.hf import safetensors_io
 from model.hf.families import hf_config, model_config
@@ -168,7 +168,8 @@ INIT_SCHEMES = {'hf': False, 'hf_pickle': True}   # init_from scheme -> allow_pi
 
 def init_params(init_from: str, cfg: ModelConfig, shardings: Any) -> Any:
   """Params for config key `init_from` ('hf:FOLDER', or 'hf_pickle:FOLDER' to accept .bin
-  pickles), checked against `cfg` and placed in `shardings`."""
+  pickles), checked against `cfg` and placed in `shardings`. A LoRA model gets its base
+  weights only: the folder has no adapters (the train state initialises them)."""
   scheme, _, folder = init_from.partition(':')
   if scheme not in INIT_SCHEMES or not folder:
     raise ValueError(f'init_from={init_from!r}; expected hf:/path/to/hf_folder '
@@ -180,13 +181,16 @@ def init_params(init_from: str, cfg: ModelConfig, shardings: Any) -> Any:
   if diffs:
     raise ValueError('init_from: the model section does not match the checkpoint:\n  ' +
                      '\n  '.join(diffs) + '\nSet those model keys (e.g. --config.model.KEY=VALUE).')
-  return load_params(folder, cfg, shardings, allow_pickle=INIT_SCHEMES[scheme])
+  return load_params(folder, lora.base_config(cfg), lora.split_adapters(shardings)[1],
+                     allow_pickle=INIT_SCHEMES[scheme])
 
 
 def export(folder: str, cfg: ModelConfig, params: Any, dtype: str = 'float32') -> None:
   """Writes `params` of a decoder (dense or Mixtral-style MoE) or original T5 as a Hugging Face
-  folder: config.json and safetensors shards (+ index) that transformers loads unchanged."""
-  config = hf_config(cfg, dtype)   # first: an unsupported model fails before anything is written
+  folder: config.json and safetensors shards (+ index) that transformers loads unchanged.
+  LoRA adapters are merged into their kernels first (model/lora.py)."""
+  params, cfg = lora.merge_lora(params, cfg)
+  config = hf_config(cfg, dtype)   # an unsupported model fails before anything is written
   os.makedirs(folder, exist_ok=True)
   np_dtype = np.dtype(jnp.dtype(dtype))
   shards, current, size = [], {}, 0

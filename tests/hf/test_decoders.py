@@ -1,5 +1,6 @@
 """Llama / Mistral / Qwen2 / Mixtral: import equals transformers, export round-trips, errors."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -132,7 +133,7 @@ def test_train_init_from(hf_models, tmp_path, monkeypatch):
   # The state is built around the loaded params: no random init runs, nor is one compiled.
   exp = Experiment.from_config(config)
   abstract, shardings = exp.partitioner.abstract(exp.init_state, jax.random.key(0))
-  lowered = exp.jit_state_from_params(shardings).lower(abstract.params)
+  lowered = exp.jit_state_from_params(shardings).lower(abstract.params, jax.random.key(0))
   random_init = exp.partitioner.jit(lambda r: nn.meta.unbox(exp.init_state(r)))
   assert 'threefry' in random_init.lower(jax.random.key(0)).as_text()
   assert 'threefry' not in lowered.as_text()
@@ -146,3 +147,36 @@ def test_train_init_from(hf_models, tmp_path, monkeypatch):
   config.model.num_layers = 3
   with pytest.raises(ValueError, match='model.num_layers=3 but .* has 2'):
     train(config, str(tmp_path / 'run2'))
+
+
+@pytest.mark.parametrize('family,targets', [('llama', 'query,key,value,out,wi_0,wi_1,wo'),
+                                            ('mixtral', 'query,key,value,out')])
+def test_lora_init_from_then_merged_export(hf_models, transformers, family, targets, tmp_path):
+  from model.param_tree import combine
+  from tests.helpers import tiny_config
+  from train.trainer import train
+  folder, model = hf_models[family]
+  cfg = hf.load_config(folder)
+  lora_cfg = dataclasses.replace(cfg, lora_rank=4, lora_targets=targets)
+  config = tiny_config(**{k: getattr(cfg, k) for k in hf.convert.ARCHITECTURE},
+                       lora_rank=4, lora_targets=targets)
+  config.update(init_from=f'hf:{folder}')
+  config.train.steps = 0
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  state = train(config, str(tmp_path / 'run'))
+  base = hf.load_params(folder, cfg)   # the base weights are the folder's, frozen
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), base)
+  fresh = jax.device_get(state.params)   # fresh adapters: random A, zero B
+  assert all(np.any(a['lora_a']) and not np.any(a['lora_b'])
+             for a in jax.tree.leaves(fresh, is_leaf=lambda x: 'lora_a' in x))
+
+  rng = np.random.RandomState(0)
+  adapters = jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(x.dtype), fresh)
+  params = combine(base, adapters)
+  ours = our_logits(lora_cfg, params)
+  real = MASK.astype(bool)
+  assert np.abs(ours - torch_logits(model))[real].max() > 1e-2   # the adapters matter
+  out = str(tmp_path / 'export')
+  hf.export(out, lora_cfg, params)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+  np.testing.assert_allclose(torch_logits(reloaded)[real], ours[real], atol=1e-4, rtol=1e-4)

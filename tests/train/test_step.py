@@ -9,6 +9,7 @@ from train.objectives import build_objective
 from train.optimizer import make_optimizer, make_schedule
 from train.state import TrainState
 from train.step import make_train_step, summarize
+from train.trainable import trainable
 
 
 def _one_step(config, batch):
@@ -16,8 +17,8 @@ def _one_step(config, batch):
   objective = build_objective('causal_lm', model, config)
   tx, schedule = make_optimizer(config.train)
   part = partitioner(data=2, fsdp=2)
-  state, shardings = part.init(lambda r: TrainState.create(objective.init_fn(r), tx),
-                               jax.random.key(0))
+  state, shardings = part.init(
+      lambda r: TrainState.create(objective.init_fn(r), tx, trainable(config)), jax.random.key(0))
   step = part.jit(make_train_step(objective, tx, schedule, seed=0,
                                   grad_accum_steps=config.train.grad_accum_steps,
                                   batch_shards=part.batch_shards),

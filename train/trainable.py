@@ -1,0 +1,18 @@
+"""Which parameters the optimizer trains; the others ride in the train state frozen.
+
+One rule decides, by parameter path: with model.lora_rank > 0 only the LoRA adapters train
+(their base weights are frozen); otherwise every parameter trains. The step differentiates the
+trained parameters only and the optimizer state covers only them, so a new selection (a
+pattern of trainable names, a DPO reference model) changes this rule, not the step.
+"""
+
+from typing import Callable
+
+from model.lora import is_adapter
+
+
+def trainable(config) -> Callable[[tuple], bool]:
+  """Predicate on a parameter's path (tuple of keys): True where the optimizer trains it."""
+  if config.model.lora_rank:
+    return is_adapter
+  return lambda path: True
