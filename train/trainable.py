@@ -13,6 +13,11 @@ from model.lora import is_adapter
 
 def trainable(config) -> Callable[[tuple], bool]:
   """Predicate on a parameter's path (tuple of keys): True where the optimizer trains it."""
-  if config.model.lora_rank:
-    return is_adapter
-  return lambda path: True
+  model = config.model
+  if not model.lora_rank:
+    return lambda path: True
+  if model.router_bias_update_rate:
+    raise ValueError(f'model.router_bias_update_rate={model.router_bias_update_rate} moves the '
+                     'router bias, which LoRA (model.lora_rank > 0) freezes with the other base '
+                     'weights; set it to 0 for LoRA fine-tuning.')
+  return is_adapter

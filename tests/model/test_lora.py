@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, build_model
+from model.decoding import decoder_generate
 from model.hf import abstract_params
 from model.lora import base_config, is_adapter, merge_lora
 from model.param_tree import combine, partition
@@ -70,6 +71,25 @@ def test_zero_b_is_the_base_model_and_the_merged_model_is_the_adapted_one(family
   assert merged_cfg == base_config(cfg)
   assert jax.tree.structure(merged) == jax.tree.structure(base)
   np.testing.assert_allclose(base_forward(merged), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cached_decoding_with_adapters_equals_the_merged_model():
+  cfg = CONFIGS['decoder']
+  params = _draw(abstract_params(cfg), 0)
+  merged, merged_cfg = merge_lora(params, cfg)
+  prompt, _, _ = _inputs(cfg)
+  lengths = np.array([8, 5])
+  prompt[1] = np.roll(prompt[1], 3)   # left-padded second row
+
+  def generate(model_cfg, model_params):
+    model = build_model(model_cfg)
+    return jax.jit(lambda p: decoder_generate(model, p, prompt, lengths, jax.random.key(0),
+                                              steps=4))(model_params)
+
+  tokens, logprobs = generate(cfg, params)
+  want_tokens, want_logprobs = generate(merged_cfg, merged)
+  np.testing.assert_array_equal(tokens, want_tokens)
+  np.testing.assert_allclose(logprobs, want_logprobs, atol=1e-5)
 
 
 def test_adapters_carry_the_kernels_logical_axes_and_the_layers_axis():

@@ -70,6 +70,10 @@ def _train(exp, evaluate=False) -> types.SimpleNamespace:
   return run
 
 
+def _paths(tree):
+  return [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
 @pytest.fixture(scope='module')
 def single():
   return _train(_experiment(_lora_config()), evaluate=True)
@@ -127,5 +131,8 @@ def test_checkpoint_round_trips_trained_and_frozen_parts(single, tmp_path):
                jax.device_get(state))
 
 
-def _paths(tree):
-  return [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+def test_lora_refuses_a_router_bias_it_would_freeze():
+  config = _lora_config()
+  config.model.update(num_experts=4, router_bias_update_rate=1e-3, lora_targets='query')
+  with pytest.raises(ValueError, match='router_bias_update_rate=0.001 moves the router bias'):
+    Experiment.from_config(config)
