@@ -25,7 +25,7 @@ setup(
         'numpy',
     ],
     extras_require={
-        'test': ['pytest>=8'],
+        'test': ['pytest>=8', 'pytest-xdist>=3.6'],
         # experiments/torch_baseline.py; on CPU-only hosts pin a CPU wheel (torch==2.13.0+cpu),
         # a plain torch requirement pulls gigabytes of CUDA packages.
         'bench': ['torch>=2.13'],
