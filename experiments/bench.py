@@ -2,7 +2,7 @@
 and memory; `encdec-decode` times greedy KV-cached generation of the tiny T5 instead.
 
   python -m experiments.bench                       # every benchmark, default allocator
-  python -m experiments.bench --names=bench-s,bench-m --malloc=both --torch
+  python -m experiments.bench --names=bench-s,bench-m --malloc=notrim,keep --torch
 
 Each (benchmark, allocator setting) runs in a fresh subprocess, back to back, so the lines of
 one invocation are comparable. A step is timed from dispatch to `block_until_ready` after
@@ -11,9 +11,15 @@ one invocation are comparable. A step is timed from dispatch to `block_until_rea
 on CPU, the datasheet peak on GPU/TPU. `--torch` adds experiments/torch_baseline.py (eager and
 torch.compile) for the dense shapes under the same settings (pip install -e .[bench]).
 
-glibc's malloc returns large freed buffers to the OS and faults them in again every step; the
-`notrim` setting (MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_, which a running process cannot
-change, hence the subprocesses) keeps them. Every line names the setting it ran under.
+glibc's malloc returns large freed buffers to the OS and faults them in again every step, and
+page faults are slow on VMs (~3.5 us per 4 KiB page here). `notrim` (MALLOC_TRIM_THRESHOLD_,
+MALLOC_TOP_PAD_) stops trimming the heap top, which is enough for PyTorch. It is not for XLA:
+XLA:CPU allocates each step's temporaries (370 MB at bench-s) in one block from its worker
+threads, whose malloc arenas can't grow that far and fall back to mmap/munmap whatever the
+settings, so every step faults all of it in again (90k faults, ~20% of a bench-s step). `keep`
+adds MALLOC_ARENA_MAX=1 and MALLOC_MMAP_MAX_=0: one brk heap that keeps what it grew, and no
+faults after the first step. Settings are environment variables read at process start, hence
+one subprocess per (benchmark, setting); every line names the setting it ran under.
 """
 
 import importlib
@@ -43,12 +49,13 @@ MALLOC = {
     'default': {},
     'notrim': {'MALLOC_TRIM_THRESHOLD_': '68719476736', 'MALLOC_TOP_PAD_': '1073741824'},
 }
+MALLOC['keep'] = dict(MALLOC['notrim'], MALLOC_ARENA_MAX='1', MALLOC_MMAP_MAX_='0')
 
 _NAMES = flags.DEFINE_list('names', list(BENCHMARKS), f'Benchmarks to run: {list(BENCHMARKS)}.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per benchmark (the median is reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-_MALLOC = flags.DEFINE_enum('malloc', 'notrim', ['default', 'notrim', 'both'],
-                            'glibc malloc setting of the benchmark processes.')
+_MALLOC = flags.DEFINE_list('malloc', ['notrim'],
+                            f'glibc malloc settings to run each benchmark under: {list(MALLOC)}.')
 _TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch baseline of the dense shapes.')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: run this one benchmark in this process.')
 
@@ -209,7 +216,9 @@ def main(argv):
       result.update(timer(config, _STEPS.value, _WARMUP.value))
     print(json.dumps(result), flush=True)
     return
-  settings = ['default', 'notrim'] if _MALLOC.value == 'both' else [_MALLOC.value]
+  settings = _MALLOC.value
+  if not settings or set(settings) - set(MALLOC):
+    raise app.UsageError(f'--malloc={",".join(settings)}: choose from {list(MALLOC)}.')
   common = [f'--steps={_STEPS.value}', f'--warmup={_WARMUP.value}']
   unknown = [n for n in _NAMES.value if n not in BENCHMARKS]
   if unknown:   # before the first slow run
