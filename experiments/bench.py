@@ -18,7 +18,8 @@ XLA:CPU allocates each step's temporaries (370 MB at bench-s) in one block from 
 threads, whose malloc arenas can't grow that far and fall back to mmap/munmap whatever the
 settings, so every step faults all of it in again (90k faults, ~20% of a bench-s step). `keep`
 adds MALLOC_ARENA_MAX=1 and MALLOC_MMAP_MAX_=0: one brk heap that keeps what it grew, and no
-faults after the first step. Settings are environment variables read at process start, hence
+faults after the first step; experiments/run.py applies the same (train/host_memory.py), so
+`keep` is the default here. Settings are environment variables read at process start, hence
 one subprocess per (benchmark, setting); every line names the setting it ran under.
 """
 
@@ -54,7 +55,7 @@ MALLOC['keep'] = dict(MALLOC['notrim'], MALLOC_ARENA_MAX='1', MALLOC_MMAP_MAX_='
 _NAMES = flags.DEFINE_list('names', list(BENCHMARKS), f'Benchmarks to run: {list(BENCHMARKS)}.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per benchmark (the median is reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-_MALLOC = flags.DEFINE_list('malloc', ['notrim'],
+_MALLOC = flags.DEFINE_list('malloc', ['keep'],
                             f'glibc malloc settings to run each benchmark under: {list(MALLOC)}.')
 _TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch baseline of the dense shapes.')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: run this one benchmark in this process.')
