@@ -117,6 +117,8 @@ def time_train_step(config, steps: int, warmup: int) -> dict:
   from train.trainer import Experiment
 
   exp = Experiment.from_config(config)
+  # Measured first: after a multi-GB step the same matmul measured half as fast (MFU 1.39).
+  peak = peak_flops(exp.partitioner.mesh.devices.flat)
   state, shardings = exp.partitioner.init(exp.init_state, jax.random.key(config.seed))
   batch = random_batch(config, exp.partitioner.batch_sharding)
   start = time.perf_counter()
@@ -135,7 +137,6 @@ def time_train_step(config, steps: int, warmup: int) -> dict:
     fpt = exp.flops_per_token()
   except ValueError:   # families without a FLOPs formula still get times and memory
     fpt = None
-  peak = peak_flops(exp.partitioner.mesh.devices.flat)
   return {
       'step_time_s': step_s,
       'step_time_min_s': min(times),
