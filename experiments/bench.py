@@ -18,8 +18,8 @@ XLA:CPU allocates each step's temporaries (370 MB at bench-s) in one block from 
 threads, whose malloc arenas can't grow that far and fall back to mmap/munmap whatever the
 settings, so every step faults all of it in again (90k faults, ~20% of a bench-s step). `keep`
 adds MALLOC_ARENA_MAX=1 and MALLOC_MMAP_MAX_=0: one brk heap that keeps what it grew, and no
-faults after the first step; experiments/run.py applies the same (train/host_memory.py), so
-`keep` is the default here. Settings are environment variables read at process start, hence
+faults after the first step, so `keep` is the default here (README: CPU runs launched under
+it gain the same). Settings are environment variables read at process start, hence
 one subprocess per (benchmark, setting); every line names the setting it ran under.
 """
 

@@ -10,7 +10,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train.distributed import maybe_initialize
-from train.host_memory import keep_freed_memory
 from train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,8 +25,6 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: hos
                                    'process 0 (omit on TPU pods, SLURM and MPI: auto-detected).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0-based.')
-_KEEP_MEMORY = flags.DEFINE_bool('keep_freed_memory', True, 'glibc malloc keeps freed memory '
-                                 '(train/host_memory.py): no page faults on XLA:CPU temporaries.')
 
 
 def main(argv):
@@ -41,8 +38,6 @@ def main(argv):
     return
   if _WORKDIR.value is None:
     raise app.UsageError('--workdir is required (except with --dry_run).')
-  if _KEEP_MEMORY.value:
-    keep_freed_memory()
   maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   train(_CONFIG.value, _WORKDIR.value)
 
