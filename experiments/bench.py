@@ -1,7 +1,7 @@
 """Train-step benchmarks: one JSON line per config with step time, tokens/s, MFU, compile time
 and memory; `encdec-decode` times greedy KV-cached generation of the tiny T5 instead.
 
-  python -m experiments.bench                       # every benchmark, default allocator
+  python -m experiments.bench                       # every benchmark, 'keep' allocator
   python -m experiments.bench --names=bench-s,bench-m --malloc=notrim,keep --torch
 
 Each (benchmark, allocator setting) runs in a fresh subprocess, back to back, so the lines of
@@ -18,8 +18,8 @@ XLA:CPU allocates each step's temporaries (370 MB at bench-s) in one block from 
 threads, whose malloc arenas can't grow that far and fall back to mmap/munmap whatever the
 settings, so every step faults all of it in again (90k faults, ~20% of a bench-s step). `keep`
 adds MALLOC_ARENA_MAX=1 and MALLOC_MMAP_MAX_=0: one brk heap that keeps what it grew, and no
-faults after the first step, so `keep` is the default here (README: CPU runs launched under
-it gain the same). Settings are environment variables read at process start, hence
+faults after the first step, so `keep` is the default here (the README shows CPU training
+launched under it). Settings are environment variables read at process start, hence
 one subprocess per (benchmark, setting); every line names the setting it ran under.
 """
 
