@@ -110,13 +110,14 @@ class Projection(nn.Module):
     kernel = self.param('kernel', kernel_init(self.in_axes + self.out_axes, n_in,
                                               self.init_scale), shape, self.cfg.weight_dtype)
     dtype = self.cfg.compute_dtype
-    y = token_matmul(x.astype(dtype), kernel.astype(dtype), n_in)
+    x = x.astype(dtype)
+    y = token_matmul(x, kernel.astype(dtype), n_in)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
                         self.out_axes), tuple(self.features), self.cfg.weight_dtype)
       y = y + bias.astype(dtype)
     if lora.is_target(self.cfg, self.name):
-      y = y + self._adapter(x.astype(dtype))
+      y = y + self._adapter(x)
     return y
 
   def _adapter(self, x: jax.Array) -> jax.Array:
