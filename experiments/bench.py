@@ -11,16 +11,11 @@ one invocation are comparable. A step is timed from dispatch to `block_until_rea
 on CPU, the datasheet peak on GPU/TPU. `--torch` adds experiments/torch_baseline.py (eager and
 torch.compile) for the dense shapes under the same settings (pip install -e .[bench]).
 
-glibc's malloc returns large freed buffers to the OS and faults them in again every step, and
-page faults are slow on VMs (~3.5 us per 4 KiB page here). `notrim` (MALLOC_TRIM_THRESHOLD_,
-MALLOC_TOP_PAD_) stops trimming the heap top, which is enough for PyTorch. It is not for XLA:
-XLA:CPU allocates each step's temporaries (370 MB at bench-s) in one block from its worker
-threads, whose malloc arenas can't grow that far and fall back to mmap/munmap whatever the
-settings, so every step faults all of it in again (90k faults, ~20% of a bench-s step). `keep`
-adds MALLOC_ARENA_MAX=1 and MALLOC_MMAP_MAX_=0: one brk heap that keeps what it grew, and no
-faults after the first step, so `keep` is the default here (the README shows CPU training
-launched under it). Settings are environment variables read at process start, hence
-one subprocess per (benchmark, setting); every line names the setting it ran under.
+Allocator settings (train/host_malloc.py): `notrim` stops glibc trimming the heap top, which is
+enough for PyTorch; `keep` (the default here, and what experiments.run re-executes under on CPU)
+also puts every thread on one heap that never mmaps, without which XLA:CPU faults its per-step
+temporaries in afresh every step (~20% of a bench-s step). glibc reads them at process start,
+hence one subprocess per (benchmark, setting); every line names the setting it ran under.
 """
 
 import importlib
@@ -34,6 +29,8 @@ import time
 
 from absl import app, flags
 
+from train.host_malloc import SETTINGS as MALLOC
+
 # name -> (config module, preset). Benchmarks whose config module is absent are reported as
 # skipped, so the harness runs while model families are still being added.
 BENCHMARKS = {
@@ -46,11 +43,6 @@ BENCHMARKS = {
 }
 GENERATION = ('encdec-decode',)   # time `time_generation`, not a train step
 TORCH_SHAPES = ('bench-s', 'bench-m')
-MALLOC = {
-    'default': {},
-    'notrim': {'MALLOC_TRIM_THRESHOLD_': '68719476736', 'MALLOC_TOP_PAD_': '1073741824'},
-}
-MALLOC['keep'] = dict(MALLOC['notrim'], MALLOC_ARENA_MAX='1', MALLOC_MMAP_MAX_='0')
 
 _NAMES = flags.DEFINE_list('names', list(BENCHMARKS), f'Benchmarks to run: {list(BENCHMARKS)}.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per benchmark (the median is reported).')
