@@ -164,13 +164,17 @@ def test_data_position_restores_only_with_the_saving_process_count(tmp_path):
 
 def test_cluster_detection_and_flag_errors():
   from train.distributed import detected_cluster, maybe_initialize
-  assert detected_cluster({}) is None
-  assert detected_cluster({'TPU_WORKER_HOSTNAMES': 'w0'}) is None   # a single-host TPU VM
+  assert detected_cluster({}, tpu_devices=[]) is None
+  assert detected_cluster({}, tpu_devices=['/dev/vfio/0']) == 'tpu'   # GCE TPU VM: metadata
+  # GKE lists the workers: one is a single-host slice
+  assert detected_cluster({'TPU_WORKER_HOSTNAMES': 'w0'}, tpu_devices=['/dev/accel0']) is None
   assert detected_cluster({'TPU_WORKER_HOSTNAMES': 'w0,w1'}) == 'tpu'
+  assert detected_cluster({'TPU_PROCESS_ADDRESSES': 'a:1,b:1', 'TPU_WORKER_HOSTNAMES': 'a'},
+                          tpu_devices=[]) == 'tpu'
   assert detected_cluster({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}) is None
   assert detected_cluster({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}) == 'slurm'
   assert detected_cluster({'OMPI_COMM_WORLD_SIZE': '2'}) == 'mpi'
-  assert maybe_initialize(env={}) is False
+  assert maybe_initialize(env={}, tpu_devices=[]) is False
   with pytest.raises(ValueError, match='go together'):
     maybe_initialize('127.0.0.1:1', None, 0)
   with pytest.raises(ValueError, match='process_id'):
