@@ -2,7 +2,10 @@
 
 Convention (PaLM appendix B): 6 x matmul parameters the token passes through (embedding lookup
 excluded, LM head included) + 12 x layers x attention width x sequence length for the
-attention score and value products, counted in full even under a causal mask.
+attention score and value products, counted in full even under a causal mask. With LoRA
+(model.lora_rank > 0) the base kernels are frozen, so their weight-gradient products are not
+computed: 4 x instead of 6 x. The adapters' own products (2 x rank / width of a projection's)
+are left out, as norms are.
 """
 
 from model.config import ModelConfig
@@ -36,23 +39,24 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, target_len: int = 0) -> floa
   in, scaled by target_len / seq_len (0 = as many as the encoder's).
   """
   width = cfg.num_heads * cfg.head_dim
+  per_param = 4.0 if cfg.lora_rank else 6.0   # forward, input gradient (, weight gradient)
   if cfg.family == 'decoder':
     matmul_params = active_layer_params(cfg) + cfg.d_model * cfg.vocab_size
-    return 6.0 * matmul_params + 12 * cfg.num_layers * width * seq_len
+    return per_param * matmul_params + 12 * cfg.num_layers * width * seq_len
   if cfg.family not in ('encoder', 't5'):
     raise ValueError(f'No FLOPs formula for model.family={cfg.family!r}.')
   enc_layers = cfg.num_encoder_layers or cfg.num_layers
-  encoder = (6.0 * (enc_layers * decoder_layer_params(cfg) + cfg.d_model * cfg.vocab_size)
+  encoder = (per_param * (enc_layers * decoder_layer_params(cfg) + cfg.d_model * cfg.vocab_size)
              + 12 * enc_layers * width * seq_len)
   if cfg.family == 'encoder':
     return encoder
-  encoder -= 6.0 * cfg.d_model * cfg.vocab_size   # the encoder has no output head
+  encoder -= per_param * cfg.d_model * cfg.vocab_size   # the encoder has no output head
   target_len = target_len or seq_len
   dec_layers = cfg.num_decoder_layers or cfg.num_layers
   cross_q_out = 2 * cfg.d_model * cfg.head_dim * cfg.num_heads
   # Cross-attention keys/values are projected once per encoder token, not per decoder token.
   cross_kv = 2 * cfg.d_model * cfg.head_dim * cfg.num_kv_heads
-  decoder_token = (6.0 * (dec_layers * (decoder_layer_params(cfg) + cross_q_out)
+  decoder_token = (per_param * (dec_layers * (decoder_layer_params(cfg) + cross_q_out)
                           + cfg.d_model * cfg.vocab_size)
                    + 12 * dec_layers * width * (target_len + seq_len))
-  return encoder + 6.0 * dec_layers * cross_kv + decoder_token * target_len / seq_len
+  return encoder + per_param * dec_layers * cross_kv + decoder_token * target_len / seq_len

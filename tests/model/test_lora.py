@@ -13,6 +13,7 @@ import pytest
 from model import ModelConfig, build_model
 from model.decoding import decoder_generate
 from model.hf import abstract_params
+from model.flops import flops_per_token
 from model.lora import base_config, is_adapter, merge_lora
 from model.param_tree import combine, partition
 from tests.model.test_t5 import MODEL_KEYS, seq2seq_batch
@@ -117,3 +118,16 @@ def test_unknown_or_missing_targets_are_refused_naming_the_key():
     build_model(dataclasses.replace(cfg, lora_targets=''))
   with pytest.raises(ValueError, match="model.lora_targets='query' needs model.lora_rank > 0"):
     build_model(dataclasses.replace(cfg, lora_rank=0, lora_targets='query'))
+
+
+def test_model_flops_skip_the_frozen_kernels_weight_gradients():
+  """Under LoRA the base kernels get no weight gradient: 2 FLOPs per kernel parameter fewer
+  per token (counted from the real parameter tree: every kernel but the embedding table)."""
+  cfg = CONFIGS['decoder']
+  base = partition(abstract_params(cfg), is_adapter)[1]
+  kernels = sum(int(np.prod(leaf.shape)) for path, leaf in
+                jax.tree_util.tree_leaves_with_path(base)
+                if getattr(path[-1], 'key', None) == 'kernel')
+  full = flops_per_token(base_config(cfg), 8)
+  assert flops_per_token(cfg, 8) == full - 2 * kernels
+  assert kernels < full / 6   # not a vacuous count
