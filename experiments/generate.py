@@ -25,14 +25,22 @@ from model.hf import load_config, load_params
 from train.sharding import Partitioner, make_mesh
 
 
-def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """(batch [B, longest] with each prompt at the end of its row, lengths [B]).
+# Prompt widths are rounded up to a multiple of this, so prompts of similar lengths share one
+# compiled generation program instead of compiling one per length.
+PROMPT_BUCKET = 64
+
+
+def left_pad(prompts: Sequence[Sequence[int]],
+             multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """(batch [B, W] with each prompt at the end of its row, lengths [B]); W is the longest
+  prompt's length rounded up to a multiple of `multiple`.
 
   Padding is id 0: any in-vocabulary id works, as padding slots are masked out."""
   if not prompts or not all(len(p) for p in prompts):
     raise ValueError('generate: every prompt needs at least one token (e.g. the bos id).')
   lengths = np.array([len(p) for p in prompts], np.int32)
-  batch = np.zeros((len(prompts), lengths.max()), np.int32)
+  width = -(-lengths.max() // multiple) * multiple
+  batch = np.zeros((len(prompts), width), np.int32)
   for row, p in zip(batch, prompts):
     row[len(row) - len(p):] = p
   return batch, lengths
@@ -45,6 +53,10 @@ class HFModel:
   params: Any
   tokenizer: Any
   partitioner: Partitioner
+  # (max_new_tokens, temperature) -> jitted generation: reused, so a call with prompts of the
+  # same batch size and bucketed width runs without compiling.
+  _generators: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                        compare=False)
 
   @classmethod
   def load(cls, folder: str, mesh: Optional[dict] = None, **overrides) -> 'HFModel':
@@ -63,11 +75,14 @@ class HFModel:
                    temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
     """Continuations of token-id prompts (greedy at temperature 0, else sampled with `seed`),
     each cut after the tokenizer's eos."""
-    batch, lengths = left_pad(prompts)
-    model, eos = build_model(self.cfg), self.tokenizer.eos_id
-    run = self.partitioner.jit(lambda p, b, n, r: decoder_generate(
-        model, p, b, n, r, steps=max_new_tokens, temperature=temperature, eos_id=eos)[0])
-    out = np.asarray(run(self.params, batch, lengths, jax.random.key(seed)))
+    batch, lengths = left_pad(prompts, PROMPT_BUCKET)
+    key = (max_new_tokens, temperature)
+    if key not in self._generators:
+      model, eos = build_model(self.cfg), self.tokenizer.eos_id
+      self._generators[key] = self.partitioner.jit(lambda p, b, n, r: decoder_generate(
+          model, p, b, n, r, steps=max_new_tokens, temperature=temperature, eos_id=eos)[0])
+    out = np.asarray(self._generators[key](self.params, batch, lengths, jax.random.key(seed)))
+    eos = self.tokenizer.eos_id
     return [row[:row.index(eos) + 1] if eos in row else row for row in out.tolist()]
 
   def complete(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0) -> str:

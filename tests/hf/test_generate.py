@@ -13,6 +13,7 @@ from model import build_model
 from model.decoding import decoder_generate, sample
 
 PROMPTS = [[5, 17, 99, 3, 42], [7, 250], [11, 12, 13]]
+COMPILE = '/jax/core/compile/backend_compile_duration'
 NEW = 5
 
 
@@ -65,6 +66,15 @@ def test_greedy_matches_transformers(loaded, hf_models):
                                   eos_token_id=eos, pad_token_id=hf_model.tokenizer.pad_id)
     assert got == want[0, len(prompt):].tolist()
   assert eos in ours[1]   # one row stops early: what follows its eos is cut
+  # Other prompt lengths in the same width bucket reuse the compiled program.
+  compiles = []
+  listener = lambda event, secs, **kw: compiles.append(event) if event == COMPILE else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    again = hf_model.generate_ids([p[:1] + p for p in PROMPTS], NEW)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == [] and len(again) == len(PROMPTS)
   assert isinstance(hf_model.complete('the lazy', 4), str)
   with pytest.raises(ValueError, match='at least one token'):
     hf_model.generate_ids([[1], []], 2)
