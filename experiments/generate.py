@@ -76,13 +76,12 @@ class HFModel:
     """Continuations of token-id prompts (greedy at temperature 0, else sampled with `seed`),
     each cut after the tokenizer's eos."""
     batch, lengths = left_pad(prompts, PROMPT_BUCKET)
-    key = (max_new_tokens, temperature)
+    key, eos = (max_new_tokens, temperature), self.tokenizer.eos_id
     if key not in self._generators:
-      model, eos = build_model(self.cfg), self.tokenizer.eos_id
+      model = build_model(self.cfg)
       self._generators[key] = self.partitioner.jit(lambda p, b, n, r: decoder_generate(
           model, p, b, n, r, steps=max_new_tokens, temperature=temperature, eos_id=eos)[0])
     out = np.asarray(self._generators[key](self.params, batch, lengths, jax.random.key(seed)))
-    eos = self.tokenizer.eos_id
     return [row[:row.index(eos) + 1] if eos in row else row for row in out.tolist()]
 
   def complete(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0) -> str:
