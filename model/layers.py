@@ -230,8 +230,29 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, scaling: tuple 
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   if scaling:
     freq = _llama3_scaled(freq, *scaling)
-  angle = positions.astype(jnp.float32)[..., None] * freq            # [B, L, half]
-  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  sin, cos = _stored_on_cpu(_rope_tables(positions, freq), positions, freq)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def _rope_tables(positions: jax.Array, freq: jax.Array) -> tuple:
+  """(sin, cos) of the rotation angles, [B, L, 1, half]."""
+  angle = positions.astype(jnp.float32)[..., None] * freq            # [B, L, half]
+  return jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+
+
+def _stored_on_cpu(tables: tuple, positions: jax.Array, freq: jax.Array) -> tuple:
+  """`tables`, made to be computed once and stored when compiled for CPU.
+
+  XLA:CPU fuses sin/cos into every consumer, so they would be recomputed per head, per half and
+  again in the backward pass: about 10% of a bench-s train step. A conditional is a fusion
+  boundary, so its operands are stored. Both branches give the same tables (one passes them on,
+  one recomputes them), so the predicate cannot change a result; it only has to depend on data
+  for XLA to keep the conditional. Other backends skip it: a GPU reads a conditional's
+  predicate back to the host.
+  """
+  def stored():
+    return jax.lax.cond(positions[0, 0] >= 0, lambda t, p: t,
+                        lambda t, p: _rope_tables(p, freq), tables, positions)
+  return jax.lax.platform_dependent(cpu=stored, default=lambda: tables)
