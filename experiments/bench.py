@@ -3,9 +3,13 @@ and memory; `encdec-decode` times greedy KV-cached generation of the tiny T5 ins
 
   python -m experiments.bench                       # every benchmark, 'keep' allocator
   python -m experiments.bench --names=bench-s,bench-m --malloc=notrim,keep --torch
+  python -m experiments.bench --names=bench-s,bench-m --torch --rounds=3
 
 Each (benchmark, allocator setting) runs in a fresh subprocess, back to back, so the lines of
-one invocation are comparable. A step is timed from dispatch to `block_until_ready` after
+one invocation are comparable. A shared machine drifts by 10-20% over minutes, so `--rounds`
+runs each benchmark's frameworks in turn that many times and adds a summary line: the median
+tokens/s of each over the rounds and, with `--torch`, the median over rounds of JAX's tokens/s
+over the fastest PyTorch variant's in the same round. A step is timed from dispatch to `block_until_ready` after
 `--warmup` untimed steps; the median of `--steps` is reported. MFU is model FLOPs per token
 (model/flops.py) x tokens/s over the peak of train/hardware.py: the measured f32 matmul peak
 on CPU, the datasheet peak on GPU/TPU. `--torch` adds experiments/torch_baseline.py (eager and
@@ -50,6 +54,7 @@ _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 _MALLOC = flags.DEFINE_list('malloc', ['keep'],
                             f'glibc malloc settings to run each benchmark under: {list(MALLOC)}.')
 _TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch baseline of the dense shapes.')
+_ROUNDS = flags.DEFINE_integer('rounds', 1, 'Runs of each benchmark, its frameworks in turn.')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: run this one benchmark in this process.')
 
 
@@ -217,16 +222,42 @@ def main(argv):
   unknown = [n for n in _NAMES.value if n not in BENCHMARKS]
   if unknown:   # before the first slow run
     raise app.UsageError(f'--names: unknown benchmarks {unknown}; choose from {list(BENCHMARKS)}.')
+  if _ROUNDS.value < 1:
+    raise app.UsageError(f'--rounds={_ROUNDS.value}: must be at least 1.')
   for name in _NAMES.value:
+    runs = {'jax': ['experiments.bench', f'--child={name}', *common]}
+    if _TORCH.value and name in TORCH_SHAPES:
+      for mode in ('eager', 'compile'):
+        runs[f'torch-{mode}'] = ['experiments.torch_baseline', f'--shape={name}',
+                                 f'--mode={mode}', *common]
     for setting in settings:
-      tag = {'malloc': setting}
-      print(json.dumps(_run_child(['experiments.bench', f'--child={name}', *common],
-                                  MALLOC[setting], tag)), flush=True)
-      if _TORCH.value and name in TORCH_SHAPES:
-        for mode in ('eager', 'compile'):
-          print(json.dumps(_run_child(['experiments.torch_baseline', f'--shape={name}',
-                                       f'--mode={mode}', *common], MALLOC[setting], tag)),
-                flush=True)
+      rounds = []
+      for r in range(_ROUNDS.value):
+        tag = {'malloc': setting, **({'round': r} if _ROUNDS.value > 1 else {})}
+        rounds.append({})
+        for label, args in runs.items():
+          rounds[-1][label] = _run_child(args, MALLOC[setting], tag)
+          print(json.dumps(rounds[-1][label]), flush=True)
+      if _ROUNDS.value > 1:
+        print(json.dumps(summary(name, setting, rounds)), flush=True)
+
+
+def summary(name: str, setting: str, rounds: list) -> dict:
+  """Median tokens/s over `rounds` ([{framework: JSON line}]) per framework, and the median of
+  the per-round ratio of JAX to the fastest PyTorch variant; failed runs are left out."""
+  tps = lambda line: line.get('tokens_per_s')
+  out = {'summary': name, 'malloc': setting, 'rounds': len(rounds), 'tokens_per_s': {
+      label: statistics.median(v) for label in rounds[0]
+      if (v := [tps(r[label]) for r in rounds if tps(r[label])])}}
+  ratios = []
+  for r in rounds:
+    torch = [tps(line) for label, line in r.items() if label.startswith('torch') and tps(line)]
+    if tps(r['jax']) and torch:
+      ratios.append(tps(r['jax']) / max(torch))
+  if ratios:
+    out['jax_over_fastest_torch'] = statistics.median(ratios)
+    out['jax_over_fastest_torch_per_round'] = ratios
+  return out
 
 
 if __name__ == '__main__':

@@ -6,8 +6,8 @@ import pytest
 from configs import t5
 from configs.bench import get_config
 from data.pipeline import target_length
-from experiments.bench import (BENCHMARKS, load_config, random_batch, time_generation,
-                               time_train_step)
+from experiments.bench import (BENCHMARKS, load_config, random_batch, summary,
+                               time_generation, time_train_step)
 from model.config import ModelConfig
 from model.flops import flops_per_token
 from tests.helpers import partitioner, tiny_config
@@ -66,3 +66,16 @@ def test_unknown_benchmark_names_the_choices():
   assert {'bench-s', 'bench-m'} <= set(BENCHMARKS)
   with pytest.raises(ValueError, match='bench-s'):
     load_config('bench-xl')
+
+
+def test_summary_pairs_jax_with_the_fastest_torch_of_the_same_round():
+  line = lambda tps: {'tokens_per_s': tps}
+  rounds = [{'jax': line(100.), 'torch-eager': line(80.), 'torch-compile': line(125.)},
+            {'jax': line(60.), 'torch-eager': line(50.), 'torch-compile': line(40.)},
+            {'jax': line(90.), 'torch-eager': {'error': ['killed']}, 'torch-compile': line(100.)}]
+  out = summary('bench-s', 'keep', rounds)
+  assert out['tokens_per_s'] == {'jax': 90., 'torch-eager': 65., 'torch-compile': 100.}
+  # Per round 100/125, 60/50, 90/100: paired, so the machine's drift between rounds cancels.
+  assert out['jax_over_fastest_torch_per_round'] == pytest.approx([0.8, 1.2, 0.9])
+  assert out['jax_over_fastest_torch'] == pytest.approx(0.9)
+  assert 'jax_over_fastest_torch' not in summary('t5-tiny', 'keep', [{'jax': line(5.)}])
