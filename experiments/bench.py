@@ -9,11 +9,12 @@ Each (benchmark, allocator setting) runs in a fresh subprocess, back to back, so
 one invocation are comparable. A shared machine drifts by 10-20% over minutes, so `--rounds`
 runs each benchmark's frameworks in turn that many times and adds a summary line: the median
 tokens/s of each over the rounds and, with `--torch`, the median over rounds of JAX's tokens/s
-over the fastest PyTorch variant's in the same round. A step is timed from dispatch to `block_until_ready` after
-`--warmup` untimed steps; the median of `--steps` is reported. MFU is model FLOPs per token
-(model/flops.py) x tokens/s over the peak of train/hardware.py: the measured f32 matmul peak
-on CPU, the datasheet peak on GPU/TPU. `--torch` adds experiments/torch_baseline.py (eager and
-torch.compile) for the dense shapes under the same settings (pip install -e .[bench]).
+over the fastest PyTorch variant's in the same round. A step is timed from dispatch to
+`block_until_ready` after `--warmup` untimed steps; the median of `--steps` is reported. MFU
+is model FLOPs per token (model/flops.py) x tokens/s over the peak of train/hardware.py: the
+measured f32 matmul peak on CPU, the datasheet peak on GPU/TPU. `--torch` adds
+experiments/torch_baseline.py (eager and torch.compile) for the dense shapes under the same
+settings (pip install -e .[bench]).
 
 Allocator settings (train/host_malloc.py): `notrim` stops glibc trimming the heap top, which is
 enough for PyTorch; `keep` (the default here, and what experiments.run re-executes under on CPU)
