@@ -27,6 +27,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.weight_decay = 0.1           # decoupled weight decay, applied to matrices only (ndim >= 2)
   c.grad_clip_norm = 1.0         # global-norm clipping; 0 disables it
   c.z_loss = 1e-4                # coefficient of log(Z)^2 added to the LM loss; 0 disables it
+  c.loss_chunk_tokens = 512      # token losses form logits this many tokens at a time; 0 = all
   c.log_every_steps = 10         # metrics.jsonl / TensorBoard / progress-bar cadence
   c.eval_every_steps = 0         # evaluation cadence on the eval split; 0 disables it
   c.eval_batches = 4             # batches per evaluation

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from model.attention import Attention, layer_mask
 from model.config import ModelConfig
-from model.layers import MLP, Embed, RMSNorm, vocab_logits
+from model.layers import MLP, Embed, RMSNorm, output_head
 from model.moe import MOE_COLLECTION, MoE
 
 REMAT_POLICIES = {
@@ -93,7 +93,8 @@ def layer_stack(layer_cls, cfg: ModelConfig, name: str = 'layers', num_layers: i
 
 
 class Decoder(nn.Module):
-  """Token ids [B, L] -> float32 logits [B, L, vocab]; packed rows via segment ids/positions.
+  """Token ids [B, L] -> float32 logits [B, L, vocab] (with `return_head`, their OutputHead:
+  the final hidden states and the output projection); packed rows via segment ids/positions.
 
   With `decode=True` keys/values accumulate in the 'cache' collection (model/attention.py; the
   first call only sizes it) and `kv_segment_ids` [B, cache slots] give each slot's segment
@@ -103,7 +104,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, positions, segment_ids, deterministic: bool = True,
-               decode: bool = False, kv_segment_ids=None):
+               decode: bool = False, kv_segment_ids=None, return_head: bool = False):
     cfg = self.cfg
     embed = Embed(cfg, name='embed')
     x = embed(inputs)
@@ -121,8 +122,8 @@ class Decoder(nn.Module):
           x, positions, mask, deterministic, segment_ids > 0)
     else:
       x = layer_stack(DecoderLayer, cfg, decode=decode)(x, positions, mask, deterministic)
-    x = RMSNorm(cfg, name='final_norm')(x)
-    return vocab_logits(cfg, embed, x)
+    head = output_head(cfg, embed, RMSNorm(cfg, name='final_norm')(x))
+    return head if return_head else head.logits()
 
 
 def stack_layers(params: dict, num_layers: int, name: str = 'layers') -> dict:

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from model.attention import Attention, layer_mask
 from model.config import ModelConfig
 from model.decoder import layer_stack
-from model.layers import ACTIVATIONS, MLP, Embed, Projection, Unembed, make_norm, vocab_logits
+from model.layers import (ACTIVATIONS, MLP, Embed, OutputHead, Projection, Unembed, make_norm,
+                          output_head)
 from model.relative_position import RelativePositionBias
 
 POSITION_EMBEDDINGS = ('rope', 'relative', 'learned')
@@ -112,27 +113,28 @@ class Encoder(nn.Module):
 
 
 class MLMHead(nn.Module):
-  """BERT's masked-LM head: dense, activation, norm, then float32 logits against the tied
-  token embedding plus a bias per vocabulary entry."""
+  """BERT's masked-LM head: dense, activation and norm, then the tied token embedding plus a
+  bias per vocabulary entry as the output projection."""
   cfg: ModelConfig
   shared_embed: Embed
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array) -> OutputHead:
     cfg = self.cfg
     act, _ = ACTIVATIONS[cfg.activation]
     h = Projection(cfg, (cfg.d_model,), ('embed',), ('mlp',), use_bias=True, name='dense')(x)
     h = make_norm(cfg, 'norm')(act(h))
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
                       (cfg.vocab_size,), cfg.weight_dtype)
-    logits = self.shared_embed.attend(h) + bias.astype(h.dtype)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    dtype = cfg.compute_dtype
+    return OutputHead(h.astype(dtype), self.shared_embed.embedding.astype(dtype),
+                      bias.astype(dtype))
 
 
 class EncoderMLM(nn.Module):
   """Encoder-only masked LM: token ids [B, L] -> float32 logits [B, L, vocab] at every position
-  (the objective scores the masked ones). Same call as the decoder's; `encode` gives the hidden
-  states (what transformers' BertModel returns)."""
+  (the objective scores the masked ones). Same call as the decoder's, `return_head` included;
+  `encode` gives the hidden states (what transformers' BertModel returns)."""
   cfg: ModelConfig
 
   def setup(self):
@@ -150,8 +152,11 @@ class EncoderMLM(nn.Module):
     return self.encoder(inputs, positions, segment_ids, deterministic, token_types)
 
   def __call__(self, inputs, positions, segment_ids, deterministic: bool = True,
-               token_types: Optional[jax.Array] = None) -> jax.Array:
+               token_types: Optional[jax.Array] = None, return_head: bool = False):
     x = self.encode(inputs, positions, segment_ids, deterministic, token_types)
     if self.cfg.mlm_head:
-      return self.mlm_head(x)
-    return vocab_logits(self.cfg, self.embed, x, None if self.cfg.tie_embeddings else self.lm_head)
+      head = self.mlm_head(x)
+    else:
+      head = output_head(self.cfg, self.embed, x,
+                         None if self.cfg.tie_embeddings else self.lm_head)
+    return head if return_head else head.logits()

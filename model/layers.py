@@ -6,7 +6,7 @@ nothing here knows about devices.
 
 import functools
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -135,7 +135,7 @@ class Projection(nn.Module):
 
 class Embed(nn.Module):
   """Embedding table [rows, embed] (tokens by default; also learned positions and token
-  types); `attend` gives logits against it (tied output)."""
+  types); `output_head` reads it as the tied output projection."""
   cfg: ModelConfig
   rows: int = 0                        # table rows; 0 = model.vocab_size
   row_axis: Optional[str] = 'vocab'    # logical axis of the rows; None keeps small tables whole
@@ -153,36 +153,50 @@ class Embed(nn.Module):
     x = jnp.take(table, ids, axis=0).astype(self.cfg.compute_dtype)
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
-  def attend(self, x: jax.Array) -> jax.Array:
-    return token_matmul(x, self.embedding.astype(x.dtype), w_out_first=True)
-
 
 class Unembed(nn.Module):
-  """Untied output head: logits = x W^T with W [vocab, embed], the layout of the embedding
-  table and of Hugging Face's lm_head.weight. Its weight gradient (logits' cotangent^T x) is
-  about 1.5x cheaper on XLA:CPU than with an [embed, vocab] kernel (measured)."""
+  """Untied output projection [vocab, embed], the layout of the embedding table and of Hugging
+  Face's lm_head.weight. Its weight gradient (logits' cotangent^T x) is about 1.5x cheaper on
+  XLA:CPU than with an [embed, vocab] kernel (measured)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self) -> jax.Array:
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=1,
                                             out_axis=0)
-    kernel = self.param('kernel', nn.with_logical_partitioning(init, ('vocab', 'embed')),
-                        (self.cfg.vocab_size, x.shape[-1]), self.cfg.weight_dtype)
-    dtype = self.cfg.compute_dtype
-    return token_matmul(x.astype(dtype), kernel.astype(dtype), w_out_first=True)
+    return self.param('kernel', nn.with_logical_partitioning(init, ('vocab', 'embed')),
+                      (self.cfg.vocab_size, self.cfg.d_model), self.cfg.weight_dtype)
 
 
-def vocab_logits(cfg: ModelConfig, embed: Embed, x: jax.Array,
-                 lm_head: Optional[nn.Module] = None) -> jax.Array:
-  """float32 logits from the tied embedding (scaled by 1/sqrt(d_model)) or an lm_head
-  (`lm_head`, else one made here under that name)."""
+class OutputHead(NamedTuple):
+  """Final hidden states and the output projection: logits = hidden kernel^T + bias.
+
+  Models return this instead of logits when called with `return_head=True`, so a loss over a
+  large vocabulary can form the logits a chunk of tokens at a time
+  (train/objectives/losses.py) instead of materialising all of them.
+  """
+  hidden: jax.Array              # [..., embed], compute dtype
+  kernel: jax.Array              # [vocab, embed], compute dtype, any logit scale folded in
+  bias: Optional[jax.Array] = None   # [vocab] or None
+
+  def logits(self) -> jax.Array:
+    """float32 logits [..., vocab]."""
+    logits = token_matmul(self.hidden, self.kernel, w_out_first=True)
+    if self.bias is not None:
+      logits = logits + self.bias
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+
+def output_head(cfg: ModelConfig, embed: Embed, x: jax.Array,
+                lm_head: Optional[nn.Module] = None) -> OutputHead:
+  """The head over the tied embedding (scaled by 1/sqrt(d_model)) or an lm_head (`lm_head`,
+  else one made here under that name)."""
+  dtype = cfg.compute_dtype
   if cfg.tie_embeddings:
-    logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(x.dtype)
+    kernel = embed.embedding.astype(dtype) / jnp.sqrt(cfg.d_model).astype(dtype)
   else:
-    head = lm_head or Unembed(cfg, name='lm_head')
-    logits = head(x)
-  return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    kernel = (lm_head or Unembed(cfg, name='lm_head'))().astype(dtype)
+  return OutputHead(x.astype(dtype), kernel)
 
 
 class MLP(nn.Module):

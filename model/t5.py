@@ -14,7 +14,7 @@ from model.attention import layer_mask
 from model.config import ModelConfig
 from model.decoder import layer_stack
 from model.encoder import Encoder, check_positions, make_attention
-from model.layers import MLP, Embed, RMSNorm, vocab_logits
+from model.layers import MLP, Embed, RMSNorm, output_head
 from model.relative_position import RelativePositionBias
 
 
@@ -42,7 +42,8 @@ class T5DecoderLayer(nn.Module):
 
 
 class T5Decoder(nn.Module):
-  """Decoder ids [B, T] attending to `encoded` [B, S, d_model] -> float32 logits [B, T, vocab]."""
+  """Decoder ids [B, T] attending to `encoded` [B, S, d_model] -> the OutputHead over the
+  final hidden states [B, T, d_model]."""
   cfg: ModelConfig
   shared_embed: Embed
 
@@ -65,7 +66,7 @@ class T5Decoder(nn.Module):
     x = stack(x, positions, mask, deterministic, bias, encoded, cross_mask)
     x = RMSNorm(cfg, name='final_norm')(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    return vocab_logits(cfg, self.shared_embed, x)
+    return output_head(cfg, self.shared_embed, x)
 
 
 class T5(nn.Module):
@@ -92,11 +93,14 @@ class T5(nn.Module):
     """Decoder ids [B, T] -> logits [B, T, vocab]; `decode=True` uses the 'cache' collection
     whose self-attention slots number `decode_length`."""
     return self.decoder(encoded, encoder_segment_ids, inputs, positions, segment_ids,
-                        deterministic, decode, decode_length)
+                        deterministic, decode, decode_length).logits()
 
   def __call__(self, encoder_inputs, encoder_positions, encoder_segment_ids, decoder_inputs,
-               decoder_positions, decoder_segment_ids, deterministic: bool = True) -> jax.Array:
-    """Teacher-forced logits [B, T, vocab] of the decoder targets."""
+               decoder_positions, decoder_segment_ids, deterministic: bool = True,
+               return_head: bool = False):
+    """Teacher-forced logits [B, T, vocab] of the decoder targets (their OutputHead with
+    `return_head`)."""
     encoded = self.encode(encoder_inputs, encoder_positions, encoder_segment_ids, deterministic)
-    return self.decode(encoded, encoder_segment_ids, decoder_inputs, decoder_positions,
-                       decoder_segment_ids, deterministic)
+    head = self.decoder(encoded, encoder_segment_ids, decoder_inputs, decoder_positions,
+                        decoder_segment_ids, deterministic)
+    return head if return_head else head.logits()

@@ -25,6 +25,7 @@ def _loss_and_grads(part, objective, params, batch):
 @pytest.fixture(scope='module')
 def setup():
   config = tiny_config()
+  config.train.loss_chunk_tokens = 40   # the loss's logits in 4 chunks of 5 positions, 4 padded
   model = build_model(ModelConfig.from_dict(config.model.to_dict()))
   objective = build_objective('causal_lm', model, config)
   single = partitioner()

@@ -56,7 +56,7 @@ def _seq2seq(model, config, make_batch, encoder_len: int, decoder_len: int) -> O
   """Teacher-forced cross-entropy of decoder_targets under decoder_loss_mask, on the batch
   that `make_batch(batch, rng)` gives in the 'span_corruption' format; its `decode_fn` decodes
   `train.eval_decode_len` tokens (0 = `decoder_len`) of every example greedily."""
-  z_loss = config.train.z_loss
+  z_loss, chunk_tokens = config.train.z_loss, config.train.loss_chunk_tokens
   decode_steps = config.train.eval_decode_len or decoder_len
 
   def init_fn(rng):
@@ -67,10 +67,10 @@ def _seq2seq(model, config, make_batch, encoder_len: int, decoder_len: int) -> O
   def loss_fn(params, batch, rng, *, train: bool):
     split_rng, dropout_rng = jax.random.split(rng)
     batch = make_batch(batch, split_rng)
-    logits = model.apply({'params': params}, *(batch[k] for k in ENCODER_KEYS + DECODER_KEYS),
-                         deterministic=not train, rngs={'dropout': dropout_rng})
-    return token_cross_entropy(logits, batch['decoder_targets'], batch['decoder_loss_mask'],
-                               z_loss)
+    head = model.apply({'params': params}, *(batch[k] for k in ENCODER_KEYS + DECODER_KEYS),
+                       deterministic=not train, return_head=True, rngs={'dropout': dropout_rng})
+    return token_cross_entropy(head, batch['decoder_targets'], batch['decoder_loss_mask'],
+                               z_loss, chunk_tokens)
 
   def decode_fn(params, batch, rng):
     # The same split of the rows as loss_fn(params, batch, rng) scores.
