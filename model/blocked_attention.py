@@ -8,8 +8,15 @@ batched matmul, and logits and softmax are float32. Keeping head_dim minor matte
 with keys as [B, K, D, S] their gradient went back to [B, S, K, D] through a transposing
 fusion that cost about 4% of a bench-m train step. On XLA:CPU this is 2-3x faster than
 `jax.nn.dot_product_attention` with a dense mask, forward plus backward (experiments/bench.py).
+
+The backward is written out (a custom VJP) from the saved unnormalised probabilities, and the
+forward normalises the [rows, head_dim] output instead of the [rows, keys] probabilities.
+Differentiated through the softmax instead, XLA:CPU wrote the normalised probabilities and a
+[rows, keys] broadcast of their row sums as extra passes over every block: the train step
+was 2-4% slower (bench-s and bench-m, in-process A/B).
 """
 
+import functools
 from typing import Optional
 
 import jax
@@ -49,22 +56,84 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       mask.shape[1], t, s)))
   bias = None if bias is None else grouped(jnp.broadcast_to(bias, bias.shape[:1] + (
       bias.shape[1], t, s)))
-  outs = []
-  for start, stop, keys in query_blocks(t, s, causal, block_size):
+  blocks = tuple(query_blocks(t, s, causal, block_size))
+  out = _attend(blocks, causal, qg, kt, vt, bias, segment_ids, mask)   # [B, K, G, T, D]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d).astype(q.dtype)
+
+
+def _rows(x: jax.Array) -> jax.Array:
+  """[B, K, G, R, X] -> [B, K, G * R, X]: the grouped query heads folded into the rows."""
+  return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
+
+
+def _forward(blocks, causal, qg, kt, vt, bias, segment_ids, mask):
+  """The output [B, K, G, T, D] and, per block, the unnormalised probabilities
+  exp(logits - row max) [B, K, G, rows, keys] (float32) and 1 / their row sums."""
+  b, kh, g, _, d = qg.shape
+  outs, saved = [], []
+  for start, stop, keys in blocks:
     rows = stop - start
-    qb = qg[:, :, :, start:stop].reshape(b, kh, g * rows, d)
-    logits = jnp.einsum('bkqd,bksd->bkqs', qb, kt[:, :, :keys],
+    logits = jnp.einsum('bkqd,bksd->bkqs', _rows(qg[:, :, :, start:stop]), kt[:, :, :keys],
                         preferred_element_type=jnp.float32).reshape(b, kh, g, rows, keys)
     if bias is not None:
       logits = logits + bias[..., start:stop, :keys].astype(jnp.float32)
     allowed = _allowed(segment_ids, causal, mask, start, stop, keys)
     if allowed is not None:
       logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kh, g * rows, keys)
-    out = jnp.einsum('bkqs,bksd->bkqd', probs, vt[:, :, :keys])
-    outs.append(out.reshape(b, kh, g, rows, d))
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    inv_total = 1.0 / probs.sum(axis=-1, keepdims=True)
+    out = jnp.einsum('bkqs,bksd->bkqd', _rows(probs.astype(vt.dtype)), vt[:, :, :keys])
+    outs.append(out.reshape(b, kh, g, rows, d) * inv_total.astype(vt.dtype))
+    saved.append((probs, inv_total))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d).astype(q.dtype)
+  return out, saved
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attend(blocks, causal, qg, kt, vt, bias, segment_ids, mask):
+  """Attention of the scaled grouped queries qg [B, K, G, T, D] over kt/vt [B, K, S, D] in
+  query `blocks`; bias and mask come grouped, [B|1, K|1, G|1, T, S]."""
+  return _forward(blocks, causal, qg, kt, vt, bias, segment_ids, mask)[0]
+
+
+def _attend_fwd(blocks, causal, qg, kt, vt, bias, segment_ids, mask):
+  out, saved = _forward(blocks, causal, qg, kt, vt, bias, segment_ids, mask)
+  return out, (qg, kt, vt, bias, segment_ids, mask, saved)
+
+
+def _attend_bwd(blocks, causal, residuals, dout):
+  """Gradients of qg, kt, vt and bias; the key and value gradients of each block cover its
+  keys and are padded to all of them."""
+  qg, kt, vt, bias, segment_ids, mask, saved = residuals
+  b, kh, g, _, d = qg.shape
+  dqs, dk, dv = [], 0.0, 0.0
+  dbias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+  to_all_keys = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, kt.shape[2] - x.shape[2]), (0, 0)])
+  for (start, stop, keys), (probs, inv_total) in zip(blocks, saved):
+    rows = stop - start
+    dout_rows = _rows(dout[:, :, :, start:stop])
+    dprobs = jnp.einsum('bkqd,bksd->bkqs', dout_rows, vt[:, :, :keys],
+                        preferred_element_type=jnp.float32).reshape(b, kh, g, rows, keys)
+    p = probs * inv_total
+    dlogits = p * (dprobs - jnp.sum(dprobs * p, axis=-1, keepdims=True))
+    allowed = _allowed(segment_ids, causal, mask, start, stop, keys)
+    if allowed is not None:   # a row with no allowed key has uniform probs but no gradient
+      dlogits = jnp.where(allowed, dlogits, 0.0)
+    dlogits_rows = _rows(dlogits.astype(qg.dtype))
+    dqs.append(jnp.einsum('bkqs,bksd->bkqd', dlogits_rows, kt[:, :, :keys]).reshape(
+        b, kh, g, rows, d))
+    dk = dk + to_all_keys(jnp.einsum('bkqs,bkqd->bksd', dlogits_rows,
+                                     _rows(qg[:, :, :, start:stop])))
+    dv = dv + to_all_keys(jnp.einsum('bkqs,bkqd->bksd', _rows(p.astype(vt.dtype)), dout_rows))
+    if bias is not None:   # summed over the dims the bias broadcasts along
+      summed = tuple(i for i in range(3) if bias.shape[i] == 1 and dlogits.shape[i] != 1)
+      dbias = dbias.at[..., start:stop, :keys].add(dlogits.sum(axis=summed, keepdims=True))
+  dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=3)
+  return (dq.astype(qg.dtype), dk.astype(kt.dtype), dv.astype(vt.dtype),
+          None if bias is None else dbias.astype(bias.dtype), None, None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def _allowed(segment_ids, causal, mask, start, stop, keys) -> Optional[jax.Array]:

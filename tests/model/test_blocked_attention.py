@@ -50,10 +50,17 @@ def test_equals_dense_reference(inputs, causal, with_bias, block):
 
 def test_dense_mask_and_all_masked_rows(inputs):
   """A dense mask (decode's cache mask) works alone; a row with no allowed key averages all
-  values, like the reference."""
+  values and sends no gradient through its logits, like the reference."""
   q, k, v, segments, _ = inputs
   mask = attention_mask(segments, segments, causal=True).at[0, 0, 3].set(False)
   want = jax.nn.dot_product_attention(q, k, v, mask=mask)
   got = blocked_attention(q, k, v, mask=mask)
   np.testing.assert_allclose(got, want, atol=1e-5)
   np.testing.assert_allclose(got[0, 3], jnp.repeat(v[0].mean(0), N // K, axis=0), atol=1e-5)
+  cot = jnp.asarray(np.random.RandomState(2).randn(B, T, N, D), jnp.float32)
+  grads = lambda f: jax.grad(lambda *a: (f(*a, mask=mask) * cot).sum(), argnums=(0, 1, 2))(
+      q, k, v)
+  got_grads = grads(blocked_attention)
+  for g, w in zip(got_grads, grads(jax.nn.dot_product_attention)):
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
+  assert not np.any(got_grads[0][0, 3])   # the masked row's query gets no gradient
