@@ -11,10 +11,10 @@ runs each benchmark's frameworks in turn that many times and adds a summary line
 tokens/s of each over the rounds and, with `--torch`, the median over rounds of JAX's tokens/s
 over the fastest PyTorch variant's in the same round. A step is timed from dispatch to
 `block_until_ready` after `--warmup` untimed steps; the median of `--steps` is reported. MFU
-is model FLOPs per token (model/flops.py) x tokens/s over the peak of train/hardware.py: the
-measured f32 matmul peak on CPU, the datasheet peak on GPU/TPU. `--torch` adds
-experiments/torch_baseline.py (eager and torch.compile) for the dense shapes under the same
-settings (pip install -e .[bench]).
+is model FLOPs per token (model/flops.py) x tokens/s over the peak of train/hardware.py: on CPU
+the higher of two f32 matmul measurements, before and after the timed steps; the datasheet
+peak on GPU/TPU. `--torch` adds experiments/torch_baseline.py (eager and torch.compile) for
+the dense shapes under the same settings (pip install -e .[bench]).
 
 Allocator settings (train/host_malloc.py): `notrim` stops glibc trimming the heap top, which is
 enough for PyTorch; `keep` (the default here, and what experiments.run re-executes under on CPU)
@@ -115,8 +115,11 @@ def time_train_step(config, steps: int, warmup: int) -> dict:
   from train.trainer import Experiment
 
   exp = Experiment.from_config(config)
-  # Measured first: after a multi-GB step the same matmul measured half as fast (MFU 1.39).
-  peak = peak_flops(exp.partitioner.mesh.devices.flat)
+  devices = list(exp.partitioner.mesh.devices.flat)
+  # Measured before the steps (after a multi-GB step one measurement read half the speed, MFU
+  # 1.39) and again after them; the higher counts, since a shared VM has slow phases longer
+  # than one measurement (one read 83 GF/s against the usual 170-180).
+  peak = peak_flops(devices)
   state, shardings = exp.partitioner.init(exp.init_state, jax.random.key(config.seed))
   batch = random_batch(config, exp.partitioner.batch_sharding)
   start = time.perf_counter()
@@ -129,6 +132,7 @@ def time_train_step(config, steps: int, warmup: int) -> dict:
     return state, metrics
 
   times, cpu_times, (_, metrics) = _timed(step, steps, warmup)
+  peak = max(peak, peak_flops(devices, remeasure=True))
   step_s = statistics.median(times)
   tokens = config.train.batch_size * config.data.seq_len
   try:

@@ -56,11 +56,14 @@ def measured_cpu_peak_flops(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / best
 
 
-def peak_flops(devices=None) -> float:
+def peak_flops(devices=None, remeasure: bool = False) -> float:
   """Peak FLOP/s of the whole job. CPU: the measured matmul peak per host (fake devices on one
-  host share its cores). Accelerators: datasheet peak x device count."""
+  host share its cores), measured once per process unless `remeasure`. Accelerators: datasheet
+  peak x device count."""
   devices = list(jax.devices() if devices is None else devices)
   if devices[0].platform == 'cpu':
+    if remeasure:
+      measured_cpu_peak_flops.cache_clear()
     return measured_cpu_peak_flops() * jax.process_count()
   kind = devices[0].device_kind
   for name, peak in DATASHEET_PEAK_FLOPS.items():
