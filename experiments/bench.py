@@ -118,7 +118,7 @@ def time_train_step(config, steps: int, warmup: int) -> dict:
   devices = list(exp.partitioner.mesh.devices.flat)
   # Measured before the steps (after a multi-GB step one measurement read half the speed, MFU
   # 1.39) and again after them; the higher counts, since a shared VM has slow phases longer
-  # than one measurement (one read 83 GF/s against the usual 170-180).
+  # than one measurement (one read 83 GF/s against the usual 160-180).
   peak = peak_flops(devices)
   state, shardings = exp.partitioner.init(exp.init_state, jax.random.key(config.seed))
   batch = random_batch(config, exp.partitioner.batch_sharding)

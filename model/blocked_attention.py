@@ -13,7 +13,7 @@ The backward is written out (a custom VJP) from the saved unnormalised probabili
 forward normalises the [rows, head_dim] output instead of the [rows, keys] probabilities.
 Differentiated through the softmax instead, XLA:CPU wrote the normalised probabilities and a
 [rows, keys] broadcast of their row sums as extra passes over every block: the train step
-was 2-4% slower (bench-s and bench-m, in-process A/B).
+was 1-4% (bench-s) and 4-8% (bench-m) slower, in in-process A/B runs of both orders.
 """
 
 import functools
