@@ -1,7 +1,7 @@
 """Train-step benchmarks: one JSON line per config with step time, tokens/s, MFU, compile time
 and memory; `encdec-decode` times greedy KV-cached generation of the tiny T5 instead.
 
-  python -m experiments.bench                       # every benchmark, 'keep' allocator
+  python -m experiments.bench                       # every benchmark, 'auto' allocator
   python -m experiments.bench --names=bench-s,bench-m --malloc=notrim,keep --torch
   python -m experiments.bench --names=bench-s,bench-m --torch --rounds=3
 
@@ -17,10 +17,12 @@ peak on GPU/TPU. `--torch` adds experiments/torch_baseline.py (eager and torch.c
 the dense shapes under the same settings (pip install -e .[bench]).
 
 Allocator settings (train/host_malloc.py): `notrim` stops glibc trimming the heap top, which is
-enough for PyTorch; `keep` (the default here, and what experiments.run re-executes under on CPU)
-also puts every thread on one heap that never mmaps, without which XLA:CPU faults its per-step
-temporaries in afresh every step (~20% of a bench-s step). glibc reads them at process start,
-hence one subprocess per (benchmark, setting); every line names the setting it ran under.
+enough for PyTorch; `keep` also puts every thread on one heap that never mmaps, without which
+XLA:CPU faults its per-step temporaries in afresh every step (~20% of a bench-s step);
+`tcmalloc` preloads gperftools' tcmalloc, faster again for XLA:CPU. `auto` (the default here, and
+what experiments.run re-executes under on CPU) is `tcmalloc` where installed, else `keep`. They
+take effect at process start, hence one subprocess per (benchmark, setting); every line names
+the setting it ran under.
 """
 
 import importlib
@@ -34,7 +36,7 @@ import time
 
 from absl import app, flags
 
-from train.host_malloc import SETTINGS as MALLOC
+from train import host_malloc
 
 # name -> (config module, preset). Benchmarks whose config module is absent are reported as
 # skipped, so the harness runs while model families are still being added.
@@ -52,8 +54,8 @@ TORCH_SHAPES = ('bench-s', 'bench-m')
 _NAMES = flags.DEFINE_list('names', list(BENCHMARKS), f'Benchmarks to run: {list(BENCHMARKS)}.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per benchmark (the median is reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-_MALLOC = flags.DEFINE_list('malloc', ['keep'],
-                            f'glibc malloc settings to run each benchmark under: {list(MALLOC)}.')
+_MALLOC = flags.DEFINE_list('malloc', ['auto'], 'Allocator settings to run each benchmark under: '
+                            f'{host_malloc.CHOICES} (auto: tcmalloc where installed, else keep).')
 _TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch baseline of the dense shapes.')
 _ROUNDS = flags.DEFINE_integer('rounds', 1, 'Runs of each benchmark, its frameworks in turn.')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: run this one benchmark in this process.')
@@ -220,9 +222,12 @@ def main(argv):
       result.update(timer(config, _STEPS.value, _WARMUP.value))
     print(json.dumps(result), flush=True)
     return
-  settings = _MALLOC.value
-  if not settings or set(settings) - set(MALLOC):
-    raise app.UsageError(f'--malloc={",".join(settings)}: choose from {list(MALLOC)}.')
+  if not _MALLOC.value:
+    raise app.UsageError(f'--malloc is empty: choose from {host_malloc.CHOICES}.')
+  try:
+    settings = [host_malloc.resolve(s) for s in _MALLOC.value]
+  except ValueError as e:
+    raise app.UsageError(f'--malloc: {e}') from e
   common = [f'--steps={_STEPS.value}', f'--warmup={_WARMUP.value}']
   unknown = [n for n in _NAMES.value if n not in BENCHMARKS]
   if unknown:   # before the first slow run
@@ -241,7 +246,7 @@ def main(argv):
         tag = {'malloc': setting, **({'round': r} if _ROUNDS.value > 1 else {})}
         rounds.append({})
         for label, args in runs.items():
-          rounds[-1][label] = _run_child(args, MALLOC[setting], tag)
+          rounds[-1][label] = _run_child(args, host_malloc.SETTINGS[setting], tag)
           print(json.dumps(rounds[-1][label]), flush=True)
       if _ROUNDS.value > 1:
         print(json.dumps(summary(name, setting, rounds)), flush=True)

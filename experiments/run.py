@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train.distributed import maybe_initialize
-from train.host_malloc import SETTINGS, cpu_only, reexec_under
+from train.host_malloc import CHOICES, cpu_only, reexec_under
 from train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,9 +26,9 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: hos
                                    'process 0 (omit on TPU pods, SLURM and MPI: auto-detected).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0-based.')
-_HOST_MALLOC = flags.DEFINE_enum('host_malloc', 'keep', list(SETTINGS), 'CPU-only hosts: the '
-                                 'glibc malloc settings to re-run under (train/host_malloc.py); '
-                                 "'keep' stops XLA:CPU faulting its step buffers in every step.")
+_HOST_MALLOC = flags.DEFINE_enum('host_malloc', 'auto', CHOICES, 'CPU-only hosts: the allocator '
+                                 'settings to re-run under (train/host_malloc.py); auto = tcmalloc '
+                                 "where installed, else glibc 'keep'.")
 
 
 def main(argv):
@@ -43,7 +43,10 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError('--workdir is required (except with --dry_run).')
   if cpu_only():
-    reexec_under(_HOST_MALLOC.value)
+    try:
+      reexec_under(_HOST_MALLOC.value)
+    except ValueError as e:
+      raise app.UsageError(f'--host_malloc: {e}') from e
   maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   train(_CONFIG.value, _WORKDIR.value)
 
