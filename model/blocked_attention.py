@@ -35,7 +35,7 @@ def query_blocks(length: int, kv_length: int, causal: bool, block_size: int) -> 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                       segment_ids: Optional[tuple] = None, causal: bool = False,
                       mask: Optional[jax.Array] = None, bias: Optional[jax.Array] = None,
-                      scale: Optional[float] = None, block_size: int = 128) -> jax.Array:
+                      scale: Optional[float] = None, block_size: int = 64) -> jax.Array:
   """softmax(scale * q k^T + bias, masked) v for q [B, T, N, D], k/v [B, S, K, D] (N % K == 0).
 
   A key is attended when it is in the query's segment (`segment_ids` = (q ids [B, T],
