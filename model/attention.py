@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from model.blocked_attention import blocked_attention
+from model.blocked_attention import blocked_attention, causal_window
 from model.config import ModelConfig
 from model.layers import Projection, apply_rope, rope_scaling
 from model.pallas_attention import splash_attention
@@ -37,16 +37,18 @@ def check_implementation(cfg: ModelConfig, backend: str) -> None:
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
-                   causal: bool) -> jax.Array:
-  """Boolean mask [B, 1, T, S]: same packed segment, and key not after query when causal.
+                   causal: bool, window: int = 0) -> jax.Array:
+  """Boolean mask [B, 1, T, S]: same packed segment, and key not after query when causal
+  (and, with a `window`, fewer than `window` positions before it).
 
   Padding (segment 0) only sees padding, so no real token ever attends across a segment.
   """
   mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
   if causal:
     t, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
-    mask &= jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
+    mask &= causal_window(jnp.arange(t)[:, None], jnp.arange(s)[None, :], window)
   return mask[:, None]
+
 
 
 class SegmentMask(struct.PyTreeNode):
@@ -55,21 +57,24 @@ class SegmentMask(struct.PyTreeNode):
   q_segment_ids: jax.Array    # [B, T]
   kv_segment_ids: jax.Array   # [B, S]
   causal: bool = struct.field(pytree_node=False)
+  window: int = struct.field(pytree_node=False, default=0)   # see attention_mask
 
 
 def layer_mask(cfg: ModelConfig, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
                causal: bool) -> Union[jax.Array, SegmentMask]:
   """The mask a model hands its attention layers: segment ids, or for cuDNN the dense
-  `attention_mask`, built once and shared by every layer."""
+  `attention_mask`, built once and shared by every layer. Causal masks carry
+  `model.attention_window`."""
+  window = cfg.attention_window if causal else 0
   if cfg.attention_impl == 'cudnn':
-    return attention_mask(q_segment_ids, kv_segment_ids, causal)
-  return SegmentMask(q_segment_ids, kv_segment_ids, causal)
+    return attention_mask(q_segment_ids, kv_segment_ids, causal, window)
+  return SegmentMask(q_segment_ids, kv_segment_ids, causal, window)
 
 
 def dense_mask(mask: Union[None, jax.Array, SegmentMask]) -> Optional[jax.Array]:
   """`mask` as a boolean array [B, 1, T, S] (or None)."""
   if isinstance(mask, SegmentMask):
-    return attention_mask(mask.q_segment_ids, mask.kv_segment_ids, mask.causal)
+    return attention_mask(mask.q_segment_ids, mask.kv_segment_ids, mask.causal, mask.window)
   return mask
 
 
@@ -127,8 +132,8 @@ class Attention(nn.Module):
                                            scale=self.scale, implementation='cudnn')
       elif isinstance(mask, SegmentMask):
         out = blocked_attention(q, k, v, segment_ids=(mask.q_segment_ids, mask.kv_segment_ids),
-                                causal=mask.causal, bias=bias, scale=self.scale,
-                                block_size=cfg.attention_query_block)
+                                causal=mask.causal, window=mask.window, bias=bias,
+                                scale=self.scale, block_size=cfg.attention_query_block)
       else:
         out = blocked_attention(q, k, v, mask=mask, bias=bias, scale=self.scale)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
@@ -140,7 +145,8 @@ class Attention(nn.Module):
     cfg = self.cfg
     unsupported = ('decodes from a KV cache' if decode else
                    'adds a logits bias (relative positions)' if bias is not None else
-                   'has a dense mask' if not isinstance(mask, SegmentMask) else None)
+                   'has a dense mask' if not isinstance(mask, SegmentMask) else
+                   'has a sliding window (model.attention_window)' if mask.window else None)
     if unsupported:
       raise ValueError(f'model.attention_impl={cfg.attention_impl!r} covers decoder and encoder '
                        f"self-attention over packed segments; this layer {unsupported}: use 'xla'.")
@@ -171,5 +177,6 @@ class Attention(nn.Module):
         jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), at), axes)
     index.value = start + new
     slots = cached_k.value.shape[1]
-    causal = (jnp.arange(slots)[None, :] <= start + jnp.arange(new)[:, None])[None, None]
+    causal = causal_window(start + jnp.arange(new)[:, None], jnp.arange(slots)[None, :],
+                           self.cfg.attention_window)[None, None]
     return cached_k.value, cached_v.value, causal if mask is None else mask & causal

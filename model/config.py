@@ -41,6 +41,7 @@ class ModelConfig:
   attention_impl: str = 'xla'     # 'xla' | 'cudnn' (GPU) | 'pallas' (TPU) | 'pallas_interpret'
   attention_block_size: int = 512  # pallas: query/key tile, a multiple of 128 (gcd with length)
   attention_query_block: int = 64  # xla: query rows per block; causal blocks skip later keys
+  attention_window: int = 0       # causal self-attention sees only the latest N keys; 0 = all
   dropout_rate: float = 0.0       # residual dropout while training
   num_experts: int = 0            # MoE: routed experts per MoE layer; 0 = dense model
   num_experts_per_tok: int = 2    # MoE: experts each token is routed to (top-k)

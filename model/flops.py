@@ -2,7 +2,8 @@
 
 Convention (PaLM appendix B): 6 x matmul parameters the token passes through (embedding lookup
 excluded, LM head included) + 12 x layers x attention width x sequence length for the
-attention score and value products, counted in full even under a causal mask. With LoRA
+attention score and value products, counted in full even under a causal mask (a decoder's
+sliding window, model.attention_window, caps the length). With LoRA
 (model.lora_rank > 0) the base kernels are frozen, so their weight-gradient products are not
 computed: 4 x instead of 6 x. The adapters' own products (2 x rank / width of a projection's)
 are left out, as norms are.
@@ -42,7 +43,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, target_len: int = 0) -> floa
   per_param = 4.0 if cfg.lora_rank else 6.0   # forward, input gradient (, weight gradient)
   if cfg.family == 'decoder':
     matmul_params = active_layer_params(cfg) + cfg.d_model * cfg.vocab_size
-    return per_param * matmul_params + 12 * cfg.num_layers * width * seq_len
+    attended = min(seq_len, cfg.attention_window) if cfg.attention_window else seq_len
+    return per_param * matmul_params + 12 * cfg.num_layers * width * attended
   if cfg.family not in ('encoder', 't5'):
     raise ValueError(f'No FLOPs formula for model.family={cfg.family!r}.')
   enc_layers = cfg.num_encoder_layers or cfg.num_layers

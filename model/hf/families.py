@@ -6,6 +6,8 @@ from model.config import ModelConfig
 
 DECODERS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
             'qwen2': 'Qwen2ForCausalLM', 'mixtral': 'MixtralForCausalLM'}
+# Families whose config.json `sliding_window` limits attention (Qwen2's is refused unless off).
+WINDOWED = ('mistral', 'mixtral')
 ENCODERS = ('bert', 'roberta')
 SUPPORTED = (*DECODERS, 't5', *ENCODERS)
 # Architectures whose folder holds the masked-LM head (others import the encoder alone).
@@ -131,7 +133,8 @@ def model_config(hf: dict, path: str = 'config.json', **overrides) -> ModelConfi
       num_kv_heads=hf.get('num_key_value_heads') or heads,
       head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
       mlp_dim=hf['intermediate_size'], activation='swiglu', norm_eps=hf['rms_norm_eps'],
-      rope_theta=float(theta), tie_embeddings=False, qkv_bias=kind == 'qwen2', **scaling)
+      rope_theta=float(theta), tie_embeddings=False, qkv_bias=kind == 'qwen2',
+      attention_window=(hf.get('sliding_window') or 0) if kind in WINDOWED else 0, **scaling)
   if kind == 'mixtral':
     fields.update(num_experts=hf['num_local_experts'], num_experts_per_tok=hf['num_experts_per_tok'],
                   router_score='softmax', renormalize=True, moe_dispatch='dropless',
@@ -140,8 +143,8 @@ def model_config(hf: dict, path: str = 'config.json', **overrides) -> ModelConfi
 
 
 def hf_config(cfg: ModelConfig, dtype: str = 'float32') -> dict:
-  """The Hugging Face config.json dict for a seedling decoder (Llama, Qwen2 or Mixtral) or
-  T5 model."""
+  """The Hugging Face config.json dict for a seedling decoder (Llama, Mistral with a sliding
+  window, Qwen2 or Mixtral) or T5 model."""
   if cfg.family == 't5':
     return t5_hf_config(cfg, dtype)
   if cfg.family != 'decoder':
@@ -156,7 +159,11 @@ def hf_config(cfg: ModelConfig, dtype: str = 'float32') -> dict:
                           or cfg.router_bias_update_rate):
     raise ValueError('Export of MoE needs the Mixtral layout: every layer MoE, softmax top-k '
                      'renormalized, no shared experts, no router bias, expert_mlp_dim=mlp_dim.')
-  kind = 'mixtral' if cfg.num_experts else 'qwen2' if cfg.qkv_bias else 'llama'
+  kind = ('mixtral' if cfg.num_experts else 'qwen2' if cfg.qkv_bias else
+          'mistral' if cfg.attention_window else 'llama')
+  if cfg.attention_window and kind not in WINDOWED:
+    raise ValueError(f'Export of model.attention_window={cfg.attention_window} needs the Mistral '
+                     'or Mixtral layout (Qwen2 configs window only their upper layers).')
   rope = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
   if cfg.rope_scaling == 'llama3':
     rope.update(rope_type='llama3', factor=cfg.rope_scaling_factor,
@@ -172,6 +179,8 @@ def hf_config(cfg: ModelConfig, dtype: str = 'float32') -> dict:
       torch_dtype=dtype, dtype=dtype, max_position_embeddings=max(4096, cfg.rope_original_max_len))
   if cfg.rope_scaling == 'llama3':
     out['rope_scaling'] = dict(rope)
+  if kind in WINDOWED:
+    out['sliding_window'] = cfg.attention_window or None
   if kind == 'mixtral':
     out.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
                router_aux_loss_coef=cfg.load_balance_loss)

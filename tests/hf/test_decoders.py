@@ -119,6 +119,15 @@ def test_unsupported_rope_scaling():
                                   num_attention_heads=1, intermediate_size=8, rms_norm_eps=1e-6))
 
 
+def test_sliding_window_imports_and_exports_only_where_huggingface_has_it(hf_models):
+  assert hf.load_config(hf_models['mistral'][0]).attention_window == 3
+  assert hf.load_config(hf_models['mixtral'][0]).attention_window == 5
+  assert hf.load_config(hf_models['llama'][0]).attention_window == 0
+  qwen = hf.load_config(hf_models['qwen2'][0])
+  with pytest.raises(ValueError, match='needs the Mistral or Mixtral layout'):
+    hf.families.hf_config(dataclasses.replace(qwen, attention_window=4))
+
+
 def test_train_init_from(hf_models, tmp_path, monkeypatch):
   import flax.linen as nn
   from train.sharding import Partitioner

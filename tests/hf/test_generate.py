@@ -21,7 +21,7 @@ NEW = 5
 def loaded(hf_models, qwen_like, tmp_path_factory):
   """family -> HFModel of the tiny transformers model, with a tokenizer, on fsdp=4 x tensor=2."""
   out = {}
-  for family in ('llama', 'qwen2'):
+  for family in ('llama', 'qwen2', 'mistral'):
     local = tmp_path_factory.mktemp(f'{family}_gen')
     shutil.copytree(hf_models[family][0], local, dirs_exist_ok=True)
     for name in ('tokenizer.json', 'tokenizer_config.json'):
@@ -30,8 +30,9 @@ def loaded(hf_models, qwen_like, tmp_path_factory):
   return out
 
 
-def test_cached_equals_uncached_recomputation(loaded):
-  hf_model = loaded['qwen2']
+@pytest.mark.parametrize('family', ['qwen2', 'mistral'])   # mistral: a 3-token sliding window
+def test_cached_equals_uncached_recomputation(loaded, family):
+  hf_model = loaded[family]
   model = build_model(hf_model.cfg)
   batch, lengths = left_pad(PROMPTS)
   rng = jax.random.key(3)

@@ -86,6 +86,8 @@ def test_unrunnable_choices_fail_clearly():
     trace(interpret)
   with pytest.raises(ValueError, match='has a dense mask'):
     trace(interpret, attention_mask(seg, seg, causal=True))
+  with pytest.raises(ValueError, match='has a sliding window'):
+    trace(dataclasses.replace(interpret, attention_window=4))
   with pytest.raises(ValueError, match='attention_block_size=200 must be a multiple of 128'):
     block_size(LENGTH, 200)
   assert block_size(640, 512) == 128 and block_size(1024, 512) == 512
