@@ -186,11 +186,14 @@ def init_params(init_from: str, cfg: ModelConfig, shardings: Any) -> Any:
 
 
 def export(folder: str, cfg: ModelConfig, params: Any, dtype: str = 'float32') -> None:
-  """Writes `params` of a decoder (dense or Mixtral-style MoE) or original T5 as a Hugging Face
-  folder: config.json and safetensors shards (+ index) that transformers loads unchanged.
-  LoRA adapters are merged into their kernels first (model/lora.py)."""
+  """Writes `params` of a decoder (dense or Mixtral-style MoE), T5 or BERT/RoBERTa encoder as
+  a Hugging Face folder: config.json and safetensors shards (+ index) that transformers loads
+  unchanged. LoRA adapters are merged into their kernels first (model/lora.py)."""
   params, cfg = lora.merge_lora(params, cfg)
   config = hf_config(cfg, dtype)   # an unsupported model fails before anything is written
+  kind = config['model_type']
+  # an encoder with its MLM head nests under 'bert.' / 'roberta.', as ...ForMaskedLM saves it
+  prefix = f'{kind}.' if cfg.family == 'encoder' and cfg.mlm_head else ''
   os.makedirs(folder, exist_ok=True)
   np_dtype = np.dtype(jnp.dtype(dtype))
   shards, current, size = [], {}, 0
@@ -204,8 +207,8 @@ def export(folder: str, cfg: ModelConfig, params: Any, dtype: str = 'float32') -
       current, size = {}, 0
 
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    kind, layer, rule = resolve(_key(path), cfg)
-    if kind == 'scanned':
+    stacking, layer, rule = resolve(_key(path), cfg, prefix=prefix, model_type=kind)
+    if stacking == 'scanned':
       for i in range(leaf.shape[0]):
         for name, arr in zip(rule.names(i), rule.save(np.asarray(leaf[i]))):
           add(name, arr)

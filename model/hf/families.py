@@ -144,12 +144,14 @@ def model_config(hf: dict, path: str = 'config.json', **overrides) -> ModelConfi
 
 def hf_config(cfg: ModelConfig, dtype: str = 'float32') -> dict:
   """The Hugging Face config.json dict for a seedling decoder (Llama, Mistral with a sliding
-  window, Qwen2 or Mixtral) or T5 model."""
+  window, Qwen2 or Mixtral), T5 or BERT/RoBERTa encoder."""
   if cfg.family == 't5':
     return t5_hf_config(cfg, dtype)
+  if cfg.family == 'encoder':
+    return encoder_hf_config(cfg, dtype)
   if cfg.family != 'decoder':
-    raise ValueError(f'Export supports the decoder and t5 families, not model.family='
-                     f'{cfg.family!r} (BERT/RoBERTa encoders are import only).')
+    raise ValueError(f'Export supports the decoder, t5 and encoder families, not model.family='
+                     f'{cfg.family!r}.')
   if cfg.activation != 'swiglu' or cfg.tie_embeddings:
     raise ValueError('Export needs model.activation=swiglu and model.tie_embeddings=False '
                      '(the Llama layout).')
@@ -206,3 +208,32 @@ def t5_hf_config(cfg: ModelConfig, dtype: str) -> dict:
       tie_word_embeddings=cfg.tie_embeddings, scale_decoder_outputs=cfg.tie_embeddings,
       is_encoder_decoder=True, decoder_start_token_id=0,
       pad_token_id=0, eos_token_id=1, torch_dtype=dtype, dtype=dtype)
+
+
+def encoder_hf_config(cfg: ModelConfig, dtype: str) -> dict:
+  """config.json of the BERT or RoBERTa (offset positions) encoder equal to `cfg`: a
+  ...ForMaskedLM with the MLM head, else the bare ...Model."""
+  acts = {v: k for k, v in ENCODER_ACTIVATIONS.items()}
+  kind = 'roberta' if cfg.position_offset else 'bert'
+  problems = [f'{key}={getattr(cfg, key)!r} (needs {want!r})' for key, want in (
+      ('norm_type', 'layernorm'), ('norm_position', 'post'), ('use_bias', True),
+      ('position_embedding', 'learned'), ('embed_norm', True), ('num_kv_heads', cfg.num_heads),
+      ('head_dim', cfg.d_model // cfg.num_heads), ('tie_embeddings', not cfg.mlm_head))
+      if getattr(cfg, key) != want]
+  if cfg.activation not in acts:
+    problems.append(f'activation={cfg.activation!r} (needs one of {sorted(acts)})')
+  if kind == 'roberta' and cfg.mlm_head and cfg.activation != 'gelu_exact':
+    problems.append("activation with RoBERTa's MLM head (always exact gelu: 'gelu_exact')")
+  if problems:
+    raise ValueError('Export of an encoder needs the BERT/RoBERTa layout: ' + '; '.join(problems)
+                     + '.')
+  name = {'bert': 'Bert', 'roberta': 'Roberta'}[kind]
+  return dict(
+      architectures=[f'{name}ForMaskedLM' if cfg.mlm_head else f'{name}Model'], model_type=kind,
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim,
+      hidden_act=acts[cfg.activation], max_position_embeddings=cfg.max_positions,
+      type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.norm_eps,
+      pad_token_id=cfg.position_offset - 1 if kind == 'roberta' else 0,
+      position_embedding_type='absolute', tie_word_embeddings=True, torch_dtype=dtype,
+      dtype=dtype)

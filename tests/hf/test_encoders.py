@@ -1,6 +1,8 @@
 """BERT / RoBERTa: hidden states and MLM logits equal transformers' (padded batch, token types,
-RoBERTa's offset positions), sharded import equals single-device, errors name the tensor."""
+RoBERTa's offset positions), export round-trips through transformers, sharded import equals
+single-device, errors name the tensor."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -76,9 +78,37 @@ def test_import_equals_transformers(encoders, family):
   base_params = hf.load_params(base, base_cfg)
   assert set(base_params) == {'embed', 'encoder'}
   jax.tree.map(np.testing.assert_array_equal, base_params['encoder'], params['encoder'])
-  with pytest.raises(ValueError, match='Export supports the decoder'):
-    hf.export(os.path.join(base, 'export'), base_cfg, base_params)
-  assert not os.path.exists(os.path.join(base, 'export'))
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_export_roundtrips_and_transformers_loads_it(encoders, transformers, family, tmp_path):
+  """Both folders (with the MLM head and without) export to folders that import to the same
+  config and params and that transformers runs to the original outputs."""
+  import torch
+  folder, base, tokens, (want_hidden, want_logits) = encoders[family]
+  real = MASK.astype(bool)
+  for src, auto in ((folder, transformers.AutoModelForMaskedLM), (base, transformers.AutoModel)):
+    cfg = hf.load_config(src)
+    params = hf.load_params(src, cfg)
+    out = str(tmp_path / os.path.basename(src))
+    hf.export(out, cfg, params)
+    assert hf.load_config(out) == cfg
+    jax.tree.map(np.testing.assert_array_equal, hf.load_params(out, cfg), params)
+    model = auto.from_pretrained(out).float().eval()
+    with torch.no_grad():
+      result = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(MASK),
+                     token_type_ids=torch.tensor(TYPES[family]), output_hidden_states=True)
+    np.testing.assert_allclose(result.hidden_states[-1].numpy()[real], want_hidden[real],
+                               atol=1e-4, rtol=1e-4)
+    if cfg.mlm_head:
+      np.testing.assert_allclose(result.logits.numpy()[real], want_logits[real], atol=1e-4,
+                                 rtol=1e-4)
+
+
+def test_export_refuses_a_non_bert_encoder(encoders):
+  cfg = hf.load_config(encoders['bert'][0])
+  with pytest.raises(ValueError, match=r"norm_position='pre' \(needs 'post'\)"):
+    hf.families.hf_config(dataclasses.replace(cfg, norm_position='pre'))
 
 
 def test_sharded_import_and_forward_equal_single_device(encoders):
