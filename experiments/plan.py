@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 
 from data.pipeline import batch_spec
+from model import nf4
 from train.hardware import device_memory
 from train.trainer import Experiment
 
@@ -40,15 +41,19 @@ def _bytes_per_device(tree) -> int:
 def param_counts(exp: Experiment, rng) -> tuple[int, int]:
   """(total, active per token) parameters, from shapes only: a stack of expert matrices (an
   'expert' axis followed by two more) counts k of its E experts as active; routers and biases
-  count in full."""
+  count in full. A QLoRA kernel counts its weights (two a code byte), not its absmaxes."""
   cfg = exp.model_cfg
   with exp.partitioner.activate():
     boxed_params = jax.eval_shape(exp.objective.init_fn, rng)
   specs = jax.tree.leaves(nn.get_partition_spec(boxed_params),
                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxed_params))
   total = active = 0
-  for leaf, names in zip(jax.tree.leaves(nn.meta.unbox(boxed_params)), specs):
-    size = math.prod(leaf.shape)
+  for (path, leaf), names in zip(leaves, specs):
+    name = getattr(path[-1], 'key', None)
+    if name == nf4.PARTS[1]:   # block absmaxes
+      continue
+    size = math.prod(leaf.shape) * (2 if name == nf4.PARTS[0] else 1)
     total += size
     names = tuple(names)
     routed = cfg.num_experts and 'expert' in names and names.index('expert') < len(names) - 2

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model import lora
+from model import lora, nf4
 from model.config import ModelConfig
 
 # name -> (function, gated). 'gelu' is the tanh approximation; 'gelu_exact' the erf form (BERT).
@@ -95,6 +95,9 @@ class Projection(nn.Module):
 
   The kernel's logical axes are `in_axes + out_axes`; the optional bias has `out_axes`.
   A projection whose name is in `model.lora_targets` adds a LoRA adapter (model/lora.py).
+  With `model.lora_quant='nf4'` the kernel is stored as 4-bit NF4 codes and block absmaxes
+  (model/nf4.py) under 'kernel_nf4' and 'kernel_absmax', with the kernel's logical axes, and
+  dequantized for each use.
   """
   cfg: ModelConfig
   features: tuple[int, ...]
@@ -107,8 +110,11 @@ class Projection(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = len(self.in_axes)
     shape = x.shape[-n_in:] + tuple(self.features)
-    kernel = self.param('kernel', kernel_init(self.in_axes + self.out_axes, n_in,
-                                              self.init_scale), shape, self.cfg.weight_dtype)
+    init = kernel_init(self.in_axes + self.out_axes, n_in, self.init_scale)
+    if lora.quantized(self.cfg):
+      kernel = self._nf4_kernel(init, shape, n_in - 1)
+    else:
+      kernel = self.param('kernel', init, shape, self.cfg.weight_dtype)
     dtype = self.cfg.compute_dtype
     x = x.astype(dtype)
     y = token_matmul(x, kernel.astype(dtype), n_in)
@@ -119,6 +125,26 @@ class Projection(nn.Module):
     if lora.is_target(self.cfg, self.name):
       y = y + self._adapter(x)
     return y
+
+  def _nf4_kernel(self, init, shape: tuple, axis: int) -> jax.Array:
+    """The kernel from its NF4 parameters, quantized along `axis` from a float init."""
+    cfg = self.cfg
+    block = cfg.lora_quant_block
+    if block < 4 or block % 2 or shape[axis] % block:
+      raise ValueError(f'model.lora_quant_block={block} must be even, at least 4 and divide '
+                       f'{shape[axis]}, the length of projection {self.name!r} along its last '
+                       'input axis.')
+    stored = {}
+
+    def part(i):
+      def make(rng):
+        if not stored:   # codes and absmax come from one float kernel
+          stored['q'] = nf4.quantize(nn.unbox(init(rng, shape, jnp.float32)), axis, block)
+        return stored['q'][i]
+      return nn.with_logical_partitioning(make, self.in_axes + self.out_axes)
+
+    codes, absmax = (self.param(name, part(i)) for i, name in enumerate(nf4.PARTS))
+    return nf4.dequantize(codes, absmax, cfg.weight_dtype)
 
   def _adapter(self, x: jax.Array) -> jax.Array:
     """scale * (x A) B with A [*in, rank], B [rank, *features]; W + A B is never formed, and

@@ -9,6 +9,10 @@ them); MLP 'wi_0', 'wi_1' (gated) or 'wi', and 'wo'; the MLM head's 'dense'. MoE
 and the router are plain parameters, not Projections: in an MoE decoder the MLP names adapt the
 dense layers and shared experts only. Embeddings and the output head are never adapted.
 Which parameters then train is train/trainable.py's rule (the adapters only).
+
+QLoRA: with `model.lora_quant='nf4'` every Projection's frozen kernel (adapted or not) is kept
+in 4-bit NormalFloat (model/nf4.py) and dequantized where it is used; the adapters stay in the
+weight dtype. MoE expert kernels, embeddings and output heads stay unquantized.
 """
 
 import dataclasses
@@ -16,10 +20,12 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from model import nf4
 from model.config import ModelConfig
 from model.param_tree import partition
 
 ADAPTER_NAMES = ('lora_a', 'lora_b')
+QUANTIZATIONS = ('', 'nf4')
 
 
 def targets(cfg: ModelConfig) -> frozenset[str]:
@@ -30,6 +36,11 @@ def targets(cfg: ModelConfig) -> frozenset[str]:
 def is_target(cfg: ModelConfig, name: str) -> bool:
   """Whether the projection called `name` carries an adapter."""
   return cfg.lora_rank > 0 and name in targets(cfg)
+
+
+def quantized(cfg: ModelConfig) -> bool:
+  """Whether projection kernels are stored quantized (QLoRA)."""
+  return cfg.lora_quant == 'nf4'
 
 
 def scale(cfg: ModelConfig) -> float:
@@ -48,7 +59,7 @@ def split_adapters(params: dict) -> tuple[dict, dict]:
 
 
 def base_config(cfg: ModelConfig) -> ModelConfig:
-  """`cfg` without LoRA: the model whose weights the adapters sit on."""
+  """`cfg` without adapters: the model whose (for QLoRA, quantized) weights they sit on."""
   return dataclasses.replace(cfg, lora_rank=0, lora_targets='')
 
 
@@ -59,6 +70,8 @@ def check_config(cfg: ModelConfig,
   the model's projections (called only when LoRA is on)."""
   if cfg.lora_rank < 0:
     raise ValueError(f'model.lora_rank={cfg.lora_rank} must be >= 0 (0 = LoRA off).')
+  if cfg.lora_quant not in QUANTIZATIONS:
+    raise ValueError(f'model.lora_quant={cfg.lora_quant!r}; choose one of {QUANTIZATIONS}.')
   if not cfg.lora_rank:
     if cfg.lora_targets:
       raise ValueError(f'model.lora_targets={cfg.lora_targets!r} needs model.lora_rank > 0; '
@@ -85,9 +98,23 @@ def _merged_kernel(kernel, a, b, factor: float):
   return (kernel.astype(jnp.float32) + factor * delta).astype(kernel.dtype)
 
 
+def dequantize_kernels(params: dict, dtype) -> dict:
+  """`params` with every NF4 kernel (nf4.PARTS) as a 'kernel' in `dtype`."""
+  if not isinstance(params, dict):
+    return params
+  out = {k: dequantize_kernels(v, dtype) for k, v in params.items() if k not in nf4.PARTS}
+  if nf4.PARTS[0] in params:
+    out['kernel'] = nf4.dequantize(*(params[name] for name in nf4.PARTS), dtype)
+  return out
+
+
 def merge_lora(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
-  """(params, cfg) of the same function without LoRA: each adapted kernel becomes
-  kernel + scale * A B and the adapters are dropped. Without LoRA, returned unchanged."""
+  """(params, cfg) of the same function without LoRA: NF4 kernels are dequantized, each
+  adapted kernel becomes kernel + scale * A B and the adapters are dropped. Without LoRA,
+  returned unchanged."""
+  if quantized(cfg):
+    params = dequantize_kernels(params, jnp.dtype(cfg.weight_dtype))
+    cfg = dataclasses.replace(cfg, lora_quant='')
   if not cfg.lora_rank:
     return params, cfg
   adapters, merged = split_adapters(params)

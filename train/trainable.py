@@ -15,6 +15,10 @@ def trainable(config) -> Callable[[tuple], bool]:
   """Predicate on a parameter's path (tuple of keys): True where the optimizer trains it."""
   model = config.model
   if not model.lora_rank:
+    if model.lora_quant:
+      raise ValueError(f'model.lora_quant={model.lora_quant!r} stores the kernels frozen in 4 '
+                       'bits, so only LoRA adapters can train: set model.lora_rank and '
+                       'model.lora_targets.')
     return lambda path: True
   if model.router_bias_update_rate:
     raise ValueError(f'model.router_bias_update_rate={model.router_bias_update_rate} moves the '

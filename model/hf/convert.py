@@ -1,5 +1,6 @@
 """Hugging Face folder <-> seedling parameters, tensor by tensor, straight into shardings."""
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from model import build_model, init_inputs, lora
+from model import build_model, init_inputs, lora, nf4
 from model.config import ModelConfig
 from model.hf import safetensors_io
 from model.hf.families import hf_config, model_config
@@ -43,6 +44,20 @@ def abstract_params(cfg: ModelConfig) -> Any:
 
 def _key(path) -> tuple:
   return tuple(str(getattr(k, 'key', k)) for k in path)
+
+
+def _float_key(key: tuple) -> tuple:
+  """The path of the float kernel an NF4 part stores (other paths unchanged)."""
+  return key[:-1] + ('kernel',) if key[-1] in nf4.PARTS else key
+
+
+def _float_leaves(cfg: ModelConfig) -> dict:
+  """QLoRA: {path: leaf} of the unquantized model, whose float kernels the HF folder holds and
+  the loader quantizes on the host, tensor by tensor; {} without NF4 kernels."""
+  if not lora.quantized(cfg):
+    return {}
+  unquantized = abstract_params(dataclasses.replace(cfg, lora_quant=''))
+  return {_key(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(unquantized)}
 
 
 def _index_key(index: tuple) -> tuple:
@@ -84,25 +99,33 @@ def load_params(folder: str, cfg: ModelConfig, shardings: Any = None,
   model_type = hf.get('model_type', '')
   # BertForMaskedLM nests the encoder under 'bert.'; BertModel folders do not.
   prefix = f'{model_type}.' if f'{model_type}.embeddings.word_embeddings.weight' in names else ''
-  rule_of = lambda path: resolve(_key(path), cfg, tied, fused, prefix, model_type)
+  rule_of = lambda path: resolve(_float_key(_key(path)), cfg, tied, fused, prefix, model_type)
   abstract = abstract_params(cfg)
+  floats = _float_leaves(cfg)
+  float_leaf = lambda path, leaf: floats.get(_float_key(_key(path)), leaf)
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
   leaves = jax.tree_util.tree_leaves_with_path(abstract)
-  plans = [(_key(path), leaf, rule_of(path)) for path, leaf in leaves]
+  plans = [(_key(path), float_leaf(path, leaf), rule_of(path)) for path, leaf in leaves]
   _check(ckpt, plans, cfg, folder)
 
   def load_one(path, leaf, sharding):
     kind, layer, rule = rule_of(path)
     dtype = np.dtype(leaf.dtype)
+    per_layer = lambda shape: shape[1:] if kind == 'scanned' else shape
+    expected, stored = per_layer(float_leaf(path, leaf).shape), per_layer(leaf.shape)
 
     def read(i):
       arr = rule.load([ckpt.read(n) for n in rule.names(i)])
-      expected = leaf.shape[1:] if kind == 'scanned' else leaf.shape
       if arr.shape != tuple(expected):
-        raise ValueError(f'{folder}: tensors {rule.names(i)} give {"/".join(_key(path))} the '
-                         f'shape {arr.shape}; expected {tuple(expected)}.')
+        raise ValueError(f'{folder}: tensors {rule.names(i)} give '
+                         f'{"/".join(_float_key(_key(path)))} the shape {arr.shape}; expected '
+                         f'{tuple(expected)}.')
+      if _key(path)[-1] in nf4.PARTS:
+        axis = next(a for a, (n, m) in enumerate(zip(expected, stored)) if n != m)
+        arr = nf4.quantize(np.asarray(arr), axis, cfg.lora_quant_block)[
+            nf4.PARTS.index(_key(path)[-1])]
       return arr
 
     def produce(buffers):
@@ -162,7 +185,7 @@ ARCHITECTURE = ('family', 'vocab_size', 'd_model', 'num_layers', 'num_heads', 'n
                 'rope_original_max_len', 'tie_embeddings', 'qkv_bias', 'num_experts',
                 'num_experts_per_tok', 'router_score', 'renormalize', 'norm_type', 'use_bias',
                 'position_embedding', 'max_positions', 'position_offset', 'type_vocab_size',
-                'embed_norm', 'norm_position', 'mlm_head')
+                'embed_norm', 'norm_position', 'mlm_head', 'attention_window')
 INIT_SCHEMES = {'hf': False, 'hf_pickle': True}   # init_from scheme -> allow_pickle
 
 

@@ -66,3 +66,10 @@ def test_moe_active_params_count_top_k_experts():
   m = config.model
   routed = m.num_layers * m.num_experts * 3 * m.d_model * m.mlp_dim   # swiglu wi_0, wi_1, wo
   assert total - active == routed * 3 // 4
+
+
+def test_qlora_counts_the_quantized_weights():
+  config = tiny_config(lora_rank=4, lora_targets='query,wo')
+  lora = param_counts(Experiment.from_config(config), jax.random.key(0))
+  config.model.update(lora_quant='nf4', lora_quant_block=8)
+  assert param_counts(Experiment.from_config(config), jax.random.key(0)) == lora

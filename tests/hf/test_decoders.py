@@ -158,23 +158,34 @@ def test_train_init_from(hf_models, tmp_path, monkeypatch):
     train(config, str(tmp_path / 'run2'))
 
 
-@pytest.mark.parametrize('family,targets', [('llama', 'query,key,value,out,wi_0,wi_1,wo'),
-                                            ('mixtral', 'query,key,value,out')])
-def test_lora_init_from_then_merged_export(hf_models, transformers, family, targets, tmp_path):
+@pytest.mark.parametrize('family,targets,quant', [
+    ('llama', 'query,key,value,out,wi_0,wi_1,wo', ''), ('mixtral', 'query,key,value,out', ''),
+    ('mistral', 'query,value,wo', 'nf4')])
+def test_lora_init_from_then_merged_export(hf_models, transformers, family, targets, quant,
+                                           tmp_path):
+  """QLoRA ('nf4') loads the folder's kernels quantized; the export merges its adapters into
+  the dequantized kernels."""
+  from model import lora, nf4
   from model.param_tree import combine
   from tests.helpers import tiny_config
   from train.trainer import train
   folder, model = hf_models[family]
   cfg = hf.load_config(folder)
-  lora_cfg = dataclasses.replace(cfg, lora_rank=4, lora_targets=targets)
+  quantization = dict(lora_quant=quant, lora_quant_block=8)
+  lora_cfg = dataclasses.replace(cfg, lora_rank=4, lora_targets=targets, **quantization)
   config = tiny_config(**{k: getattr(cfg, k) for k in hf.convert.ARCHITECTURE},
-                       lora_rank=4, lora_targets=targets)
+                       lora_rank=4, lora_targets=targets, **quantization)
   config.update(init_from=f'hf:{folder}')
   config.train.steps = 0
   config.mesh.update(data=2, fsdp=2, tensor=2)
   state = train(config, str(tmp_path / 'run'))
-  base = hf.load_params(folder, cfg)   # the base weights are the folder's, frozen
+  base = hf.load_params(folder, lora.base_config(lora_cfg))   # the folder's weights, frozen
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), base)
+  if quant:   # stored as NF4 of the folder's float kernels
+    query = hf.load_params(folder, cfg)['layers']['attn']['query']['kernel'][0]
+    want = nf4.quantize(np.asarray(query), 0, 8)
+    np.testing.assert_array_equal(base['layers']['attn']['query']['kernel_nf4'][0], want[0])
+    np.testing.assert_array_equal(base['layers']['attn']['query']['kernel_absmax'][0], want[1])
   fresh = jax.device_get(state.params)   # fresh adapters: random A, zero B
   assert all(np.any(a['lora_a']) and not np.any(a['lora_b'])
              for a in jax.tree.leaves(fresh, is_leaf=lambda x: 'lora_a' in x))

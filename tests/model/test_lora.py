@@ -74,6 +74,32 @@ def test_zero_b_is_the_base_model_and_the_merged_model_is_the_adapted_one(family
   np.testing.assert_allclose(base_forward(merged), adapted, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('family', list(CONFIGS))
+def test_qlora_projections_are_nf4_and_merge_to_their_dequantized_model(family):
+  cfg = dataclasses.replace(CONFIGS[family], lora_quant='nf4', lora_quant_block=8)
+  abstract = abstract_params(cfg)
+  paths = [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)]
+  float_kernels = [p for p, _ in _leaves(abstract_params(dataclasses.replace(cfg, lora_quant='')))
+                   if p[-1] == 'kernel']
+  # every projection kernel is stored as codes + absmax; only output heads stay float
+  assert [p for p in paths if p[-1] == 'kernel'] == [
+      p for p in float_kernels if 'lm_head' in p]
+  assert sum(p[-1] == 'kernel_nf4' for p in paths) == len(float_kernels) - sum(
+      'lm_head' in p for p in float_kernels) > 0
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(
+      lambda s: jnp.asarray(rng.randint(0, 256, s.shape) if s.dtype == jnp.uint8
+                            else np.abs(rng.normal(0, 0.2, s.shape)), s.dtype), abstract)
+  adapted = _forward(cfg)(params)
+  merged, merged_cfg = merge_lora(params, cfg)
+  assert merged_cfg == base_config(dataclasses.replace(cfg, lora_quant=''))
+  np.testing.assert_allclose(_forward(merged_cfg)(merged), adapted, atol=1e-5, rtol=1e-5)
+
+
+def _leaves(tree):
+  return [(tuple(k.key for k in p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
 def test_kv_cached_decoding_with_adapters_equals_the_merged_model():
   cfg = CONFIGS['decoder']
   params = _draw(abstract_params(cfg), 0)

@@ -45,9 +45,16 @@ def _initial_state(exp):
   the experiment's shardings."""
   abstract, shardings = exp.partitioner.abstract(exp.init_state, jax.random.key(0))
   rng = np.random.RandomState(0)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, s: jnp.zeros(s.shape, s.dtype) if path[-1].key == 'lora_b'
-      else jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype), abstract.model_params())
+
+  def draw(path, s):
+    if path[-1].key == 'lora_b':
+      return jnp.zeros(s.shape, s.dtype)
+    if s.dtype == jnp.uint8:   # NF4 codes: two random 4-bit levels a byte
+      return jnp.asarray(rng.randint(0, 256, s.shape), s.dtype)
+    return jnp.asarray(np.abs(rng.normal(0, 0.1, s.shape)) if path[-1].key == 'kernel_absmax'
+                       else rng.normal(0, 0.1, s.shape), s.dtype)
+
+  params = jax.tree_util.tree_map_with_path(draw, abstract.model_params())
   state = TrainState.create(params, exp.tx, exp.trains)
   return jax.device_put(state, shardings), abstract, shardings
 
@@ -129,6 +136,22 @@ def test_checkpoint_round_trips_trained_and_frozen_parts(single, tmp_path):
   assert jax.tree.structure(base) == jax.tree.structure(state.frozen)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored),
                jax.device_get(state))
+
+
+def test_qlora_trains_the_adapters_over_frozen_nf4_kernels():
+  config = _config(lora_rank=4, lora_alpha=8.0, lora_targets=TARGETS, lora_quant='nf4',
+                   lora_quant_block=8)
+  run = _train(_experiment(config, fsdp=2, tensor=2))
+  assert all(b < a for a, b in zip(run.losses, run.losses[1:])), run.losses
+  assert run.losses[-1] < run.losses[0] - 5e-3, run.losses
+  frozen = jax.device_get(run.state.frozen)
+  assert [p for p in _paths(frozen) if p[-1] == 'kernel'] == [('lm_head', 'kernel')]
+  codes = [x for p, x in zip(_paths(frozen), jax.tree.leaves(frozen)) if p[-1] == 'kernel_nf4']
+  assert len(codes) == 7 and all(c.dtype == np.uint8 for c in codes)   # every projection
+  jax.tree.map(np.testing.assert_array_equal, frozen, run.initial.frozen)
+  config.model.lora_rank, config.model.lora_targets = 0, ''
+  with pytest.raises(ValueError, match="lora_quant='nf4' stores the kernels frozen"):
+    _experiment(config, fsdp=2, tensor=2)
 
 
 def test_lora_refuses_a_router_bias_it_would_freeze():
