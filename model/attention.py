@@ -95,7 +95,7 @@ class Attention(nn.Module):
   def __call__(self, x_q: jax.Array, x_kv: Optional[jax.Array], mask: Optional[jax.Array],
                positions_q: Optional[jax.Array] = None,
                positions_kv: Optional[jax.Array] = None, bias: Optional[jax.Array] = None,
-               decode: bool = False) -> jax.Array:
+               decode: bool = False, deterministic: bool = True) -> jax.Array:
     cfg = self.cfg
     check_implementation(cfg, jax.default_backend())
     if cfg.num_heads % cfg.num_kv_heads:
@@ -103,7 +103,8 @@ class Attention(nn.Module):
                        f'model.num_kv_heads={cfg.num_kv_heads}.')
     proj = lambda heads, axis, name, x, init_scale=1.0: Projection(
         cfg, (heads, cfg.head_dim), ('embed',), (axis, 'head_dim'),
-        use_bias=cfg.qkv_bias or cfg.use_bias, init_scale=init_scale, name=name)(x)
+        use_bias=cfg.qkv_bias or cfg.use_bias, init_scale=init_scale, name=name)(x,
+                                                                                 deterministic)
     # A logit multiplier other than 1/sqrt(head_dim) is folded into the query init so initial
     # logits have the usual scale: unscaled T5 gets q stddev (d_model * head_dim)^-0.5, as
     # Mesh TensorFlow and T5X initialise it (keys/values/out keep fan-in init).
@@ -138,7 +139,7 @@ class Attention(nn.Module):
         out = blocked_attention(q, k, v, mask=mask, bias=bias, scale=self.scale)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
     return Projection(cfg, (cfg.d_model,), ('heads', 'head_dim'), ('embed',),
-                      use_bias=cfg.use_bias, name='out')(out)
+                      use_bias=cfg.use_bias, name='out')(out, deterministic)
 
   def _pallas(self, q, k, v, mask, bias, decode):
     """The splash kernel, which covers self-attention over packed segments without a bias."""

@@ -75,6 +75,7 @@ class ModelConfig:
   lora_rank: int = 0              # LoRA: rank of adapters on model.lora_targets; 0 = off
   lora_alpha: float = 16.0        # LoRA: adapter output scale = lora_alpha / lora_rank
   lora_targets: str = ''          # LoRA: comma-separated projection names (model/lora.py)
+  lora_dropout: float = 0.0       # LoRA: dropout on each adapter's input while training
   lora_quant: str = ''            # QLoRA: '' | 'nf4' (every projection kernel frozen in 4 bits)
   lora_quant_block: int = 64      # QLoRA: weights per absmax block, along the last input axis
 

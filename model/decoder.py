@@ -30,10 +30,12 @@ class DecoderLayer(nn.Module):
     cfg = self.cfg
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     h = RMSNorm(cfg, name='attn_norm')(x)
-    h = Attention(cfg, name='attn')(h, h, mask, positions, positions, decode=self.decode)
+    h = Attention(cfg, name='attn')(h, h, mask, positions, positions, decode=self.decode,
+                                    deterministic=deterministic)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     h = RMSNorm(cfg, name='mlp_norm')(x)
-    h = MoE(cfg, name='mlp')(h, valid) if self.moe else MLP(cfg, name='mlp')(h)
+    h = (MoE(cfg, name='mlp')(h, valid, deterministic) if self.moe
+         else MLP(cfg, name='mlp')(h, deterministic))
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return x, None
 

@@ -65,9 +65,10 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, positions, mask, deterministic, bias=None):
     cfg = self.cfg
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    attend = lambda h: make_attention(cfg, 'attn')(h, h, mask, positions, positions, bias=bias)
-    for f, norm in ((attend, make_norm(cfg, 'attn_norm')), (MLP(cfg, name='mlp'),
-                                                            make_norm(cfg, 'mlp_norm'))):
+    attend = lambda h: make_attention(cfg, 'attn')(h, h, mask, positions, positions, bias=bias,
+                                                   deterministic=deterministic)
+    mlp = lambda h: MLP(cfg, name='mlp')(h, deterministic)
+    for f, norm in ((attend, make_norm(cfg, 'attn_norm')), (mlp, make_norm(cfg, 'mlp_norm'))):
       if cfg.norm_position == 'post':
         x = norm(x + nn.Dropout(cfg.dropout_rate)(f(x), deterministic=deterministic))
       else:
@@ -119,10 +120,11 @@ class MLMHead(nn.Module):
   shared_embed: Embed
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> OutputHead:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> OutputHead:
     cfg = self.cfg
     act, _ = ACTIVATIONS[cfg.activation]
-    h = Projection(cfg, (cfg.d_model,), ('embed',), ('mlp',), use_bias=True, name='dense')(x)
+    h = Projection(cfg, (cfg.d_model,), ('embed',), ('mlp',), use_bias=True, name='dense')(
+        x, deterministic)
     h = make_norm(cfg, 'norm')(act(h))
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
                       (cfg.vocab_size,), cfg.weight_dtype)
@@ -155,7 +157,7 @@ class EncoderMLM(nn.Module):
                token_types: Optional[jax.Array] = None, return_head: bool = False):
     x = self.encode(inputs, positions, segment_ids, deterministic, token_types)
     if self.cfg.mlm_head:
-      head = self.mlm_head(x)
+      head = self.mlm_head(x, deterministic)
     else:
       head = output_head(self.cfg, self.embed, x,
                          None if self.cfg.tie_embeddings else self.lm_head)

@@ -107,7 +107,7 @@ class Projection(nn.Module):
   init_scale: float = 1.0   # kernel init variance = init_scale / fan-in
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     n_in = len(self.in_axes)
     shape = x.shape[-n_in:] + tuple(self.features)
     init = kernel_init(self.in_axes + self.out_axes, n_in, self.init_scale)
@@ -123,7 +123,7 @@ class Projection(nn.Module):
                         self.out_axes), tuple(self.features), self.cfg.weight_dtype)
       y = y + bias.astype(dtype)
     if lora.is_target(self.cfg, self.name):
-      y = y + self._adapter(x)
+      y = y + self._adapter(x, deterministic)
     return y
 
   def _nf4_kernel(self, init, shape: tuple, axis: int) -> jax.Array:
@@ -146,10 +146,11 @@ class Projection(nn.Module):
     codes, absmax = (self.param(name, part(i)) for i, name in enumerate(nf4.PARTS))
     return nf4.dequantize(codes, absmax, cfg.weight_dtype)
 
-  def _adapter(self, x: jax.Array) -> jax.Array:
-    """scale * (x A) B with A [*in, rank], B [rank, *features]; W + A B is never formed, and
-    B starts at zero so a fresh adapter changes nothing."""
+  def _adapter(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    """scale * (dropout(x) A) B with A [*in, rank], B [rank, *features]; W + A B is never
+    formed, and B starts at zero so a fresh adapter changes nothing."""
     cfg, n_in = self.cfg, len(self.in_axes)
+    x = nn.Dropout(cfg.lora_dropout, name='lora_dropout')(x, deterministic=deterministic)
     a = self.param('lora_a', kernel_init(self.in_axes + (None,), n_in),
                    x.shape[-n_in:] + (cfg.lora_rank,), cfg.weight_dtype)
     b = self.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
@@ -230,17 +231,17 @@ class MLP(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     cfg = self.cfg
     if cfg.activation not in ACTIVATIONS:
       raise ValueError(f'model.activation={cfg.activation!r}; choose one of {sorted(ACTIVATIONS)}.')
     act, gated = ACTIVATIONS[cfg.activation]
     up = lambda name: Projection(cfg, (cfg.mlp_dim,), ('embed',), ('mlp',), use_bias=cfg.use_bias,
-                                 name=name)(x)
+                                 name=name)(x, deterministic)
     h = act(up('wi_0')) * up('wi_1') if gated else act(up('wi'))
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
     return Projection(cfg, (cfg.d_model,), ('mlp',), ('embed',), use_bias=cfg.use_bias,
-                      name='wo')(h)
+                      name='wo')(h, deterministic)
 
 
 def rope_scaling(cfg: ModelConfig) -> tuple:

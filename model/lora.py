@@ -3,6 +3,7 @@
 With `model.lora_rank` = r > 0, every Projection (model/layers.py) named in `model.lora_targets`
 adds `lora_a` [*in, r] (fan-in init) and `lora_b` [r, *features] (zeros) and computes
 y = x W + (lora_alpha / r) (x A) B, so fresh adapters leave the model's function unchanged.
+While training, `model.lora_dropout` drops the adapter's input x.
 
 Projection names: attention 'query', 'key', 'value', 'out' (self- and cross-attention share
 them); MLP 'wi_0', 'wi_1' (gated) or 'wi', and 'wo'; the MLM head's 'dense'. MoE expert kernels

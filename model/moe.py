@@ -394,7 +394,8 @@ class MoE(nn.Module):
     return out, (k * jnp.sum(valid) - jnp.sum(kept)).astype(jnp.float32)
 
   @nn.compact
-  def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None,
+               deterministic: bool = True) -> jax.Array:
     cfg = self.cfg
     self._check()
     valid = jnp.ones(x.shape[:2], bool) if valid is None else valid
@@ -415,7 +416,8 @@ class MoE(nn.Module):
     out = nn.with_logical_constraint(out.astype(cfg.compute_dtype), ('batch', 'length', 'embed'))
     if cfg.num_shared_experts:
       shared_dim = cfg.num_shared_experts * (cfg.expert_mlp_dim or cfg.mlp_dim)
-      out = out + MLP(dataclasses.replace(cfg, mlp_dim=shared_dim), name='shared')(x)
+      out = out + MLP(dataclasses.replace(cfg, mlp_dim=shared_dim), name='shared')(
+          x, deterministic)
     balance = load_balance_loss(scores, ids, cfg.num_experts, valid)
     z = router_z_loss(logits, valid)
     load = expert_load(ids, cfg.num_experts, valid)

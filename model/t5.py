@@ -33,11 +33,12 @@ class T5DecoderLayer(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     h = RMSNorm(cfg, name='attn_norm')(x)
     x = x + drop(make_attention(cfg, 'self_attn')(h, h, mask, positions, positions, bias=bias,
-                                                  decode=self.decode))
+                                                  decode=self.decode,
+                                                  deterministic=deterministic))
     h = RMSNorm(cfg, name='cross_norm')(x)
-    x = x + drop(make_attention(cfg, 'cross_attn', cross=True)(h, encoded, cross_mask,
-                                                               decode=self.decode))
-    x = x + drop(MLP(cfg, name='mlp')(RMSNorm(cfg, name='mlp_norm')(x)))
+    x = x + drop(make_attention(cfg, 'cross_attn', cross=True)(
+        h, encoded, cross_mask, decode=self.decode, deterministic=deterministic))
+    x = x + drop(MLP(cfg, name='mlp')(RMSNorm(cfg, name='mlp_norm')(x), deterministic))
     return x, None
 
 

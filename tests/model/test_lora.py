@@ -100,6 +100,26 @@ def _leaves(tree):
   return [(tuple(k.key for k in p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
 
 
+@pytest.mark.parametrize('family', list(CONFIGS))
+def test_adapter_dropout_acts_in_training_only_and_on_the_adapters_only(family):
+  cfg = dataclasses.replace(CONFIGS[family], lora_dropout=0.5)
+  params = _draw(abstract_params(cfg), 0)
+  model, inputs = build_model(cfg), _inputs(cfg)
+  run = jax.jit(lambda p, rng, deterministic: model.apply(
+      {'params': p}, *inputs, deterministic=deterministic, rngs={'dropout': rng}),
+      static_argnums=2)
+  want = _forward(dataclasses.replace(cfg, lora_dropout=0.0))(params)
+  np.testing.assert_array_equal(run(params, jax.random.key(0), True), want)
+  dropped = run(params, jax.random.key(0), False)
+  assert np.abs(dropped - want).max() > 1e-3
+  assert np.abs(dropped - run(params, jax.random.key(1), False)).max() > 1e-3
+  adapters, base = partition(params, is_adapter)
+  zero_b = jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.zeros_like(a) if path[-1].key == 'lora_b' else a, adapters)
+  np.testing.assert_allclose(run(combine(base, zero_b), jax.random.key(0), False),
+                             _forward(base_config(cfg))(base), atol=1e-6)
+
+
 def test_kv_cached_decoding_with_adapters_equals_the_merged_model():
   cfg = CONFIGS['decoder']
   params = _draw(abstract_params(cfg), 0)
