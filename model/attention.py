@@ -50,7 +50,6 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
   return mask[:, None]
 
 
-
 class SegmentMask(struct.PyTreeNode):
   """`attention_mask`'s mask kept as segment ids, for kernels that take those (all but cuDNN):
   the XLA path skips causally masked key blocks, the Pallas kernel its masked tiles."""

@@ -46,9 +46,10 @@ def quantize(w, axis: int, block: int) -> tuple:
   return xp.moveaxis(codes, 0, axis), xp.moveaxis(absmax, 0, axis)
 
 
-def quantized_axis(codes_shape: tuple, absmax_shape: tuple) -> int:
-  """The blocked axis: the one whose length differs between codes and absmax."""
-  return next(a for a, (c, m) in enumerate(zip(codes_shape, absmax_shape)) if c != m)
+def quantized_axis(shape: tuple, other: tuple) -> int:
+  """The blocked axis: the one whose length differs between two of a quantized kernel's shapes
+  (float kernel, codes or absmax)."""
+  return next(a for a, (n, m) in enumerate(zip(shape, other)) if n != m)
 
 
 def dequantize(codes, absmax, dtype) -> jnp.ndarray:

@@ -122,10 +122,10 @@ def load_params(folder: str, cfg: ModelConfig, shardings: Any = None,
         raise ValueError(f'{folder}: tensors {rule.names(i)} give '
                          f'{"/".join(_float_key(_key(path)))} the shape {arr.shape}; expected '
                          f'{tuple(expected)}.')
-      if _key(path)[-1] in nf4.PARTS:
-        axis = next(a for a, (n, m) in enumerate(zip(expected, stored)) if n != m)
-        arr = nf4.quantize(np.asarray(arr), axis, cfg.lora_quant_block)[
-            nf4.PARTS.index(_key(path)[-1])]
+      if _key(path)[-1] in nf4.PARTS:   # (codes, absmax)[this part] of the float kernel
+        parts = nf4.quantize(np.asarray(arr), nf4.quantized_axis(expected, stored),
+                             cfg.lora_quant_block)
+        arr = parts[nf4.PARTS.index(_key(path)[-1])]
       return arr
 
     def produce(buffers):
