@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+MKL = 'mkl>=2024; platform_machine == "x86_64"'
+
 setup(
     name='seedling',
     version='0.1.0',
@@ -24,11 +26,14 @@ setup(
         'absl-py',
         'numpy',
     ],
+    package_data={'model': ['host_gemm.cc']},   # built on first use of model.matmul_impl='blas'
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3.6'],
+        # model.matmul_impl='blas': Intel MKL's sgemm on CPU (x86-64 wheels only).
+        'cpu': [MKL],
+        'test': ['pytest>=8', 'pytest-xdist>=3.6', MKL],
         # experiments/torch_baseline.py; on CPU-only hosts pin a CPU wheel (torch==2.13.0+cpu),
         # a plain torch requirement pulls gigabytes of CUDA packages.
-        'bench': ['torch>=2.13'],
+        'bench': ['torch>=2.13', MKL],
         # Hugging Face import/export tests; install torch==2.13.0 (CPU) first, as .ci/run does.
         'hf': ['transformers>=4.45', 'torch==2.13.0'],
     },

@@ -133,9 +133,11 @@ class Attention(nn.Module):
       elif isinstance(mask, SegmentMask):
         out = blocked_attention(q, k, v, segment_ids=(mask.q_segment_ids, mask.kv_segment_ids),
                                 causal=mask.causal, window=mask.window, bias=bias,
-                                scale=self.scale, block_size=cfg.attention_query_block)
+                                scale=self.scale, block_size=cfg.attention_query_block,
+                                matmul_impl=cfg.matmul_impl)
       else:
-        out = blocked_attention(q, k, v, mask=mask, bias=bias, scale=self.scale)
+        out = blocked_attention(q, k, v, mask=mask, bias=bias, scale=self.scale,
+                                matmul_impl=cfg.matmul_impl)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
     return Projection(cfg, (cfg.d_model,), ('heads', 'head_dim'), ('embed',),
                       use_bias=cfg.use_bias, name='out')(out, deterministic)

@@ -23,6 +23,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from model import host_blas
+
 
 def query_blocks(length: int, kv_length: int, causal: bool, block_size: int,
                  window: int = 0) -> list:
@@ -46,7 +48,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                       segment_ids: Optional[tuple] = None, causal: bool = False,
                       window: int = 0, mask: Optional[jax.Array] = None,
                       bias: Optional[jax.Array] = None, scale: Optional[float] = None,
-                      block_size: int = 64) -> jax.Array:
+                      block_size: int = 64, matmul_impl: str = 'xla') -> jax.Array:
   """softmax(scale * q k^T + bias, masked) v for q [B, T, N, D], k/v [B, S, K, D] (N % K == 0).
 
   A key is attended when it is in the query's segment (`segment_ids` = (q ids [B, T],
@@ -54,6 +56,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   the latest `window` keys up to it (causal only), and allowed by `mask`
   (boolean, broadcastable to [B, N, T, S]); `bias` is broadcastable to [B, N, T, S].
   A row with no allowed key averages all values (as jax.nn.dot_product_attention does).
+  `matmul_impl` 'blas' runs the block products through MKL (model/host_blas.py).
   """
   b, t, n, d = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -71,7 +74,8 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   bias = None if bias is None else grouped(jnp.broadcast_to(bias, bias.shape[:1] + (
       bias.shape[1], t, s)))
   blocks = tuple(query_blocks(t, s, causal, block_size, window))
-  out = _attend(blocks, (causal, window), qg, kt, vt, bias, segment_ids, mask)  # [B,K,G,T,D]
+  out = _attend(blocks, (causal, window), matmul_impl, qg, kt, vt, bias, segment_ids,
+                mask)                                             # [B, K, G, T, D]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d).astype(q.dtype)
 
 
@@ -80,15 +84,31 @@ def _rows(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
 
 
-def _forward(blocks, causality, qg, kt, vt, bias, segment_ids, mask):
+# einsum over [B, K, ...] operands -> (trans_a, trans_b) of the same batched matmul
+_PRODUCTS = {'bkqd,bksd->bkqs': (False, True), 'bkqs,bksd->bkqd': (False, False),
+             'bkqs,bkqd->bksd': (True, False)}
+
+
+def _product(impl: str, spec: str, a: jax.Array, b: jax.Array, **einsum_kwargs) -> jax.Array:
+  """jnp.einsum(spec, a, b), or with `impl` 'blas' the same product through MKL over the
+  (B, K) pairs as one batch."""
+  if not host_blas.uses_blas(impl, a.dtype):
+    return jnp.einsum(spec, a, b, **einsum_kwargs)
+  out = host_blas.matmul(a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]),
+                         *_PRODUCTS[spec])
+  return out.reshape(a.shape[:2] + out.shape[1:])
+
+
+def _forward(blocks, causality, impl, qg, kt, vt, bias, segment_ids, mask):
   """The output [B, K, G, T, D] and, per block, the unnormalised probabilities
   exp(logits - row max) [B, K, G, rows, keys] (float32) and 1 / their row sums."""
   b, kh, g, _, d = qg.shape
   outs, saved = [], []
   for start, stop, first, keys in blocks:
     rows = stop - start
-    logits = jnp.einsum('bkqd,bksd->bkqs', _rows(qg[:, :, :, start:stop]), kt[:, :, first:keys],
-                        preferred_element_type=jnp.float32).reshape(b, kh, g, rows, keys - first)
+    logits = _product(impl, 'bkqd,bksd->bkqs', _rows(qg[:, :, :, start:stop]),
+                      kt[:, :, first:keys], preferred_element_type=jnp.float32).reshape(
+                          b, kh, g, rows, keys - first)
     if bias is not None:
       logits = logits + bias[..., start:stop, first:keys].astype(jnp.float32)
     allowed = _allowed(segment_ids, causality, mask, start, stop, first, keys)
@@ -96,26 +116,27 @@ def _forward(blocks, causality, qg, kt, vt, bias, segment_ids, mask):
       logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     inv_total = 1.0 / probs.sum(axis=-1, keepdims=True)
-    out = jnp.einsum('bkqs,bksd->bkqd', _rows(probs.astype(vt.dtype)), vt[:, :, first:keys])
+    out = _product(impl, 'bkqs,bksd->bkqd', _rows(probs.astype(vt.dtype)), vt[:, :, first:keys])
     outs.append(out.reshape(b, kh, g, rows, d) * inv_total.astype(vt.dtype))
     saved.append((probs, inv_total))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   return out, saved
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attend(blocks, causality, qg, kt, vt, bias, segment_ids, mask):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attend(blocks, causality, impl, qg, kt, vt, bias, segment_ids, mask):
   """Attention of the scaled grouped queries qg [B, K, G, T, D] over kt/vt [B, K, S, D] in
-  query `blocks`; bias and mask come grouped, [B|1, K|1, G|1, T, S]."""
-  return _forward(blocks, causality, qg, kt, vt, bias, segment_ids, mask)[0]
+  query `blocks`; bias and mask come grouped, [B|1, K|1, G|1, T, S]; `impl` is the
+  matmul_impl of the block products."""
+  return _forward(blocks, causality, impl, qg, kt, vt, bias, segment_ids, mask)[0]
 
 
-def _attend_fwd(blocks, causality, qg, kt, vt, bias, segment_ids, mask):
-  out, saved = _forward(blocks, causality, qg, kt, vt, bias, segment_ids, mask)
+def _attend_fwd(blocks, causality, impl, qg, kt, vt, bias, segment_ids, mask):
+  out, saved = _forward(blocks, causality, impl, qg, kt, vt, bias, segment_ids, mask)
   return out, (qg, kt, vt, bias, segment_ids, mask, saved)
 
 
-def _attend_bwd(blocks, causality, residuals, dout):
+def _attend_bwd(blocks, causality, impl, residuals, dout):
   """Gradients of qg, kt, vt and bias; the key and value gradients of each block cover its
   keys and are padded to all of them."""
   qg, kt, vt, bias, segment_ids, mask, saved = residuals
@@ -126,19 +147,20 @@ def _attend_bwd(blocks, causality, residuals, dout):
     rows = stop - start
     to_all_keys = lambda x: jnp.pad(x, [(0, 0), (0, 0), (first, kt.shape[2] - keys), (0, 0)])
     dout_rows = _rows(dout[:, :, :, start:stop])
-    dprobs = jnp.einsum('bkqd,bksd->bkqs', dout_rows, vt[:, :, first:keys],
-                        preferred_element_type=jnp.float32).reshape(b, kh, g, rows, keys - first)
+    dprobs = _product(impl, 'bkqd,bksd->bkqs', dout_rows, vt[:, :, first:keys],
+                      preferred_element_type=jnp.float32).reshape(b, kh, g, rows, keys - first)
     p = probs * inv_total
     dlogits = p * (dprobs - jnp.sum(dprobs * p, axis=-1, keepdims=True))
     allowed = _allowed(segment_ids, causality, mask, start, stop, first, keys)
     if allowed is not None:   # a row with no allowed key has uniform probs but no gradient
       dlogits = jnp.where(allowed, dlogits, 0.0)
     dlogits_rows = _rows(dlogits.astype(qg.dtype))
-    dqs.append(jnp.einsum('bkqs,bksd->bkqd', dlogits_rows, kt[:, :, first:keys]).reshape(
+    dqs.append(_product(impl, 'bkqs,bksd->bkqd', dlogits_rows, kt[:, :, first:keys]).reshape(
         b, kh, g, rows, d))
-    dk = dk + to_all_keys(jnp.einsum('bkqs,bkqd->bksd', dlogits_rows,
-                                     _rows(qg[:, :, :, start:stop])))
-    dv = dv + to_all_keys(jnp.einsum('bkqs,bkqd->bksd', _rows(p.astype(vt.dtype)), dout_rows))
+    dk = dk + to_all_keys(_product(impl, 'bkqs,bkqd->bksd', dlogits_rows,
+                                   _rows(qg[:, :, :, start:stop])))
+    dv = dv + to_all_keys(_product(impl, 'bkqs,bkqd->bksd', _rows(p.astype(vt.dtype)),
+                                   dout_rows))
     if bias is not None:   # summed over the dims the bias broadcasts along
       summed = tuple(i for i in range(3) if bias.shape[i] == 1 and dlogits.shape[i] != 1)
       dbias = dbias.at[..., start:stop, first:keys].add(dlogits.sum(axis=summed, keepdims=True))

@@ -39,6 +39,7 @@ class ModelConfig:
   scan_layers: bool = True        # nn.scan over layers (one compiled layer) or unrolled
   remat_policy: str = 'none'      # rematerialisation: 'none' | 'full' | 'dots' | 'dots_no_batch'
   attention_impl: str = 'xla'     # 'xla' | 'cudnn' (GPU) | 'pallas' (TPU) | 'pallas_interpret'
+  matmul_impl: str = 'xla'        # 'xla' | 'blas' (MKL; one CPU device, f32) | 'auto' (either)
   attention_block_size: int = 512  # pallas: query/key tile, a multiple of 128 (gcd with length)
   attention_query_block: int = 64  # xla: query rows per block; causal blocks skip later keys
   attention_window: int = 0       # causal self-attention sees only the latest N keys; 0 = all

@@ -130,7 +130,7 @@ class MLMHead(nn.Module):
                       (cfg.vocab_size,), cfg.weight_dtype)
     dtype = cfg.compute_dtype
     return OutputHead(h.astype(dtype), self.shared_embed.embedding.astype(dtype),
-                      bias.astype(dtype))
+                      bias.astype(dtype), matmul_impl=cfg.matmul_impl)
 
 
 class EncoderMLM(nn.Module):

@@ -6,13 +6,14 @@ nothing here knows about devices.
 
 import functools
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-from model import lora, nf4
+from model import host_blas, lora, nf4
 from model.config import ModelConfig
 
 # name -> (function, gated). 'gelu' is the tanh approximation; 'gelu_exact' the erf form (BERT).
@@ -76,18 +77,24 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
   return NORMS[cfg.norm_type](cfg, name=name)
 
 
-def token_matmul(x: jax.Array, w: jax.Array, n_in: int = 1, w_out_first: bool = False) -> jax.Array:
+def token_matmul(x: jax.Array, w: jax.Array, n_in: int = 1, w_out_first: bool = False,
+                 impl: str = 'xla') -> jax.Array:
   """x [..., *in] times w [*in, *out] (or w [*out, *in] with `w_out_first`) -> [..., *out], as
-  one 2-D matmul over all leading (token) positions. With the tokens flattened, the weight
-  gradient (x^T dy) is a plain transposed-operand matmul; left 3-D, XLA:CPU lays dy out
-  transposed with an extra copy first, which made a gated MLP's forward+backward 1.4x slower."""
+  one 2-D matmul over all leading (token) positions, by XLA or (`impl='blas'`) by MKL through
+  model/host_blas.py. With the tokens flattened, the weight gradient (x^T dy) is a plain
+  transposed-operand matmul; left 3-D, XLA:CPU lays dy out transposed with an extra copy first,
+  which made a gated MLP's forward+backward 1.4x slower."""
   lead, in_shape = x.shape[:-n_in], x.shape[-n_in:]
   x2 = x.reshape(-1, math.prod(in_shape))
   if w_out_first:
-    out_shape, w2, dims = w.shape[:w.ndim - n_in], w.reshape(-1, x2.shape[1]), ((1,), (1,))
+    out_shape, w2 = w.shape[:w.ndim - n_in], w.reshape(-1, x2.shape[1])
   else:
-    out_shape, w2, dims = w.shape[n_in:], w.reshape(x2.shape[1], -1), ((1,), (0,))
-  return jax.lax.dot_general(x2, w2, (dims, ((), ()))).reshape(lead + out_shape)
+    out_shape, w2 = w.shape[n_in:], w.reshape(x2.shape[1], -1)
+  if host_blas.uses_blas(impl, x.dtype):
+    y = host_blas.matmul(x2, w2, trans_b=w_out_first)
+  else:
+    y = jax.lax.dot_general(x2, w2, (((1,), (1 if w_out_first else 0,)), ((), ())))
+  return y.reshape(lead + out_shape)
 
 
 class Projection(nn.Module):
@@ -117,7 +124,7 @@ class Projection(nn.Module):
       kernel = self.param('kernel', init, shape, self.cfg.weight_dtype)
     dtype = self.cfg.compute_dtype
     x = x.astype(dtype)
-    y = token_matmul(x, kernel.astype(dtype), n_in)
+    y = token_matmul(x, kernel.astype(dtype), n_in, impl=self.cfg.matmul_impl)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
                         self.out_axes), tuple(self.features), self.cfg.weight_dtype)
@@ -156,8 +163,8 @@ class Projection(nn.Module):
     b = self.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
                                                           (None,) + self.out_axes),
                    (cfg.lora_rank,) + tuple(self.features), cfg.weight_dtype)
-    xa = token_matmul(x, a.astype(x.dtype), n_in)
-    return token_matmul(xa * lora.scale(cfg), b.astype(x.dtype))
+    xa = token_matmul(x, a.astype(x.dtype), n_in, impl=cfg.matmul_impl)
+    return token_matmul(xa * lora.scale(cfg), b.astype(x.dtype), impl=cfg.matmul_impl)
 
 
 class Embed(nn.Module):
@@ -195,7 +202,7 @@ class Unembed(nn.Module):
                       (self.cfg.vocab_size, self.cfg.d_model), self.cfg.weight_dtype)
 
 
-class OutputHead(NamedTuple):
+class OutputHead(struct.PyTreeNode):
   """Final hidden states and the output projection: logits = hidden kernel^T + bias.
 
   Models return this instead of logits when called with `return_head=True`, so a loss over a
@@ -205,10 +212,11 @@ class OutputHead(NamedTuple):
   hidden: jax.Array              # [..., embed], compute dtype
   kernel: jax.Array              # [vocab, embed], compute dtype, any logit scale folded in
   bias: Optional[jax.Array] = None   # [vocab] or None
+  matmul_impl: str = struct.field(pytree_node=False, default='xla')   # model.matmul_impl
 
   def logits(self) -> jax.Array:
     """float32 logits [..., vocab]."""
-    logits = token_matmul(self.hidden, self.kernel, w_out_first=True)
+    logits = token_matmul(self.hidden, self.kernel, w_out_first=True, impl=self.matmul_impl)
     if self.bias is not None:
       logits = logits + self.bias
     return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
@@ -223,7 +231,7 @@ def output_head(cfg: ModelConfig, embed: Embed, x: jax.Array,
     kernel = embed.embedding.astype(dtype) / jnp.sqrt(cfg.d_model).astype(dtype)
   else:
     kernel = (lm_head or Unembed(cfg, name='lm_head'))().astype(dtype)
-  return OutputHead(x.astype(dtype), kernel)
+  return OutputHead(x.astype(dtype), kernel, matmul_impl=cfg.matmul_impl)
 
 
 class MLP(nn.Module):

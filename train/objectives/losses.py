@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from model import host_blas
 from model.layers import OutputHead, token_matmul
 
 
@@ -34,22 +35,23 @@ def token_cross_entropy(head: OutputHead, targets: jax.Array, weights: jax.Array
   split = lambda a: jnp.moveaxis(pad_positions(a).reshape(rows, -1, chunk, *a.shape[2:]), 1, 0)
   weights = weights.astype(jnp.float32)
   loss, ce, z, correct = _chunked_cross_entropy(
-      z_loss, split(head.hidden), head.kernel, head.bias, split(targets), split(weights))
+      z_loss, head.matmul_impl, split(head.hidden), head.kernel, head.bias, split(targets),
+      split(weights))
   count = weights.sum()
   ce, z, correct = jax.lax.stop_gradient((ce, z, correct))
   return {'loss': (loss, count), 'cross_entropy': (ce, count), 'z_loss': (z, count),
           'accuracy': (correct, count)}
 
 
-def _chunk_terms(z_loss, wanted, x, kernel, bias, targets, weights):
+def _chunk_terms(z_loss, impl, wanted, x, kernel, bias, targets, weights):
   """Weighted sums (loss, ce, z, correct) over one chunk x [B, C, D] and the loss's gradients
   named in `wanted` ⊆ {'x', 'kernel', 'bias'}: dx [B, C, D], dkernel^T [D, V] and dbias [V]
-  (float32), None where not wanted.
+  (float32), None where not wanted. `impl` is model.matmul_impl, for the three matmuls.
 
   The kernel's gradient is formed transposed, x^T dlogits, contracting two dims: XLA:CPU then
   copies the small x chunk transposed and runs YNNPACK's matmul, where dlogits^T x falls back
   to Eigen's transposed-operand kernel, about 1.6x slower at the bench shapes (measured)."""
-  logits = token_matmul(x, kernel, w_out_first=True)
+  logits = token_matmul(x, kernel, w_out_first=True, impl=impl)
   if bias is not None:
     logits = logits + bias
   logits = nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
@@ -72,16 +74,19 @@ def _chunk_terms(z_loss, wanted, x, kernel, bias, targets, weights):
   # d(log Z - target logit + z_loss log(Z)^2)/dlogits = softmax (1 + 2 z_loss log Z) - onehot
   scale = (1.0 + 2.0 * z_loss * log_z) * weights / total[..., 0]
   dlogits = exp * scale[..., None] - jnp.where(is_target, weights[..., None], 0.0)
-  dx = token_matmul(dlogits.astype(x.dtype), kernel) if 'x' in wanted else None
+  dx = token_matmul(dlogits.astype(x.dtype), kernel, impl=impl) if 'x' in wanted else None
   dkernel_t = None
-  if 'kernel' in wanted:
+  if 'kernel' in wanted and host_blas.uses_blas(impl, x.dtype):
+    dkernel_t = host_blas.matmul(x.reshape(-1, x.shape[-1]),
+                                 dlogits.reshape(-1, vocab).astype(x.dtype), trans_a=True)
+  elif 'kernel' in wanted:
     dkernel_t = jax.lax.dot_general(x, dlogits.astype(x.dtype), (((0, 1), (0, 1)), ((), ())),
                                     preferred_element_type=jnp.float32)
   dbias = dlogits.sum(axis=(0, 1)) if 'bias' in wanted else None
   return sums, (dx, dkernel_t, dbias)
 
 
-def _scan_chunks(z_loss, wanted, x, kernel, bias, targets, weights):
+def _scan_chunks(z_loss, impl, wanted, x, kernel, bias, targets, weights):
   """Sums over chunks x [N, B, C, D] and the `wanted` gradients (dx stacked like x)."""
   zeros = lambda shape, name: jnp.zeros(shape, jnp.float32) if name in wanted else None
   sums_init = (jnp.zeros((), jnp.float32),) * 4
@@ -90,7 +95,7 @@ def _scan_chunks(z_loss, wanted, x, kernel, bias, targets, weights):
 
   def body(carry, chunk):
     sums, (dkernel_t, dbias) = carry
-    chunk_sums, (dx, chunk_dkernel_t, chunk_dbias) = _chunk_terms(z_loss, wanted, chunk[0],
+    chunk_sums, (dx, chunk_dkernel_t, chunk_dbias) = _chunk_terms(z_loss, impl, wanted, chunk[0],
                                                                   kernel, bias, *chunk[1:])
     sums = tuple(a + b for a, b in zip(sums, chunk_sums))
     if chunk_dkernel_t is not None:
@@ -104,25 +109,25 @@ def _scan_chunks(z_loss, wanted, x, kernel, bias, targets, weights):
   return sums, (dx, None if dkernel_t is None else dkernel_t.T, dbias)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked_cross_entropy(z_loss, x, kernel, bias, targets, weights):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_cross_entropy(z_loss, impl, x, kernel, bias, targets, weights):
   """(loss, ce, z, correct) summed over chunks; see token_cross_entropy."""
-  return _scan_chunks(z_loss, frozenset(), x, kernel, bias, targets, weights)[0]
+  return _scan_chunks(z_loss, impl, frozenset(), x, kernel, bias, targets, weights)[0]
 
 
-def _chunked_cross_entropy_fwd(z_loss, x, kernel, bias, targets, weights):
+def _chunked_cross_entropy_fwd(z_loss, impl, x, kernel, bias, targets, weights):
   """The sums, and the gradients of the inputs being differentiated formed alongside them."""
   value = lambda primal: None if primal is None else primal.value
   wanted = frozenset(name for name, primal in (('x', x), ('kernel', kernel), ('bias', bias))
                      if primal is not None and primal.perturbed)
-  sums, grads = _scan_chunks(z_loss, wanted, value(x), value(kernel), value(bias),
+  sums, grads = _scan_chunks(z_loss, impl, wanted, value(x), value(kernel), value(bias),
                              value(targets), value(weights))
   like = lambda grad, primal: None if grad is None else grad.astype(primal.value.dtype)
   return sums, tuple(like(g, p) for g, p in zip(grads, (x, kernel, bias)))
 
 
-def _chunked_cross_entropy_bwd(z_loss, grads, cotangents):
-  del z_loss
+def _chunked_cross_entropy_bwd(z_loss, impl, grads, cotangents):
+  del z_loss, impl
   g = cotangents[0]   # only 'loss' carries a gradient: the caller stops the other sums'
   if isinstance(g, SymbolicZero):
     return None, None, None, None, None
