@@ -23,7 +23,7 @@ def get_config(preset: str = 'bench-s'):
   shape = SHAPES[preset]
   c = base_config()
   # Unrolled layers: 10% less CPU time per bench-s step than nn.scan on XLA:CPU (measured).
-  # MKL matmuls on one CPU device (model/host_blas.py): bench-s 1.12x, bench-m 1.09x faster.
+  # MKL matmuls on one CPU device (model/host_blas.py): bench-s and bench-m steps ~1.1x faster.
   c.model.update(activation='swiglu', dtype='float32', param_dtype='float32', scan_layers=False,
                  matmul_impl='auto', **shape['model'])
   c.data.seq_len = shape['seq_len']

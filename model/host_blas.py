@@ -4,8 +4,8 @@ XLA:CPU runs f32 matmuls through YNNPACK and Eigen, which reach 140-280 GFLOP/s 
 shapes where MKL's sgemm reaches 290-330 (the same MKL PyTorch uses). `matmul` calls MKL from
 an XLA FFI handler (host_gemm.cc) that splits each product over XLA's own intra-op threads, MKL
 itself running sequentially. Dense projections, the output head and loss, and blocked
-attention use it when the config asks; measured against the XLA path in one process each,
-bench-s train steps ran 1.12x faster and bench-m 1.09x.
+attention use it when the config asks; against the XLA path, both compiled in one process,
+bench-s and bench-m train steps took 0.89-0.90x the time.
 
 The handler is compiled with the system C++ compiler on first use, into
 $SEEDLING_CACHE (default ~/.cache/seedling), and MKL comes from the `mkl` wheel
