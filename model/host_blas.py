@@ -22,6 +22,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,42 +30,47 @@ import jax.numpy as jnp
 _SOURCE = pathlib.Path(__file__).with_name('host_gemm.cc')
 _TARGET = 'seedling_gemm'
 _MKL_SEQUENTIAL = 1   # MKL_THREADING_SEQUENTIAL, for MKL_Set_Threading_Layer
-
-
 IMPLS = ('xla', 'blas', 'auto')   # model.matmul_impl choices
 
 
 def uses_blas(impl: str, dtype) -> bool:
   """Whether model.matmul_impl `impl` puts a product of `dtype` operands on MKL: 'blas'
-  always (matmul raises where it cannot run), 'auto' for float32 on a one-device CPU mesh
-  where MKL is installed. Raises, naming the key, on an unknown value."""
+  always (matmul raises where it cannot run), 'auto' where it can run. Raises, naming the
+  key, on an unknown value."""
   if impl not in IMPLS:
     raise ValueError(f'model.matmul_impl={impl!r}; choose one of {IMPLS}.')
-  if impl == 'auto':
-    mesh = jax.sharding.get_abstract_mesh()
-    return (jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == 'cpu' and
-            (mesh.empty or mesh.size == 1) and mkl_installed())
-  return impl == 'blas'
+  return impl == 'blas' or (impl == 'auto' and _unusable(dtype) is None)
+
+
+def _unusable(dtype) -> Optional[str]:
+  """Why MKL cannot multiply `dtype` operands here (float32 on a one-device CPU mesh, MKL
+  installed), as an error message; None when it can."""
+  backend, mesh = jax.default_backend(), jax.sharding.get_abstract_mesh()
+  if jnp.dtype(dtype) != jnp.float32:
+    return (f"model.matmul_impl='blas' multiplies float32 only, got {jnp.dtype(dtype)}: set "
+            "model.dtype='float32' or model.matmul_impl='xla'.")
+  if backend != 'cpu':
+    return (f"model.matmul_impl='blas' runs on CPU, not on this {backend!r} backend: set "
+            "model.matmul_impl='xla'.")
+  if not mesh.empty and mesh.size > 1:
+    return (f"model.matmul_impl='blas' runs on one CPU device; the mesh has {mesh.size}: set "
+            "model.matmul_impl='xla' or a one-device mesh.")
+  if not mkl_installed():
+    return ("model.matmul_impl='blas' needs Intel MKL: pip install -e .[cpu] (the `mkl` "
+            "wheel, x86-64), or set model.matmul_impl='xla'.")
+  return None
 
 
 @functools.cache
 def mkl_installed() -> bool:
   """Whether MKL is found (the `mkl` wheel or a system library)."""
-  try:
-    _mkl_path()
-  except RuntimeError:
-    return False
-  return True
+  return _mkl_path() is not None
 
 
-def _mkl_path() -> str:
+def _mkl_path() -> Optional[str]:
   """libmkl_rt from the `mkl` wheel (under sys.prefix/lib) or the system's library path."""
   found = sorted(glob.glob(os.path.join(sys.prefix, 'lib', 'libmkl_rt.so*')))
-  found = found or [ctypes.util.find_library('mkl_rt')]
-  if not found[0]:
-    raise RuntimeError("model.matmul_impl='blas' needs Intel MKL: pip install -e .[cpu] (the "
-                       "`mkl` wheel, x86-64), or set model.matmul_impl='xla'.")
-  return found[0]
+  return found[0] if found else ctypes.util.find_library('mkl_rt')
 
 
 def _build() -> pathlib.Path:
@@ -107,6 +113,8 @@ def _gemm(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array
   m = a.shape[-1] if trans_a else a.shape[-2]
   n = b.shape[-2] if trans_b else b.shape[-1]
   out = jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32)
+  if not a.size or not b.size:   # an empty product (or sum): BLAS takes no zero-size operand
+    return jnp.zeros(out.shape, out.dtype)
   return jax.ffi.ffi_call(_TARGET, out, vmap_method='sequential')(
       a, b, trans_a=trans_a, trans_b=trans_b)
 
@@ -134,9 +142,9 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def matmul(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
   """op(a) op(b) for f32 a, b of rank 2, or rank 3 with a shared leading batch dim; op
   transposes the last two dims when trans_a / trans_b is set. Differentiable (reverse mode)."""
-  if a.dtype != jnp.float32 or b.dtype != jnp.float32:
-    raise ValueError(f"model.matmul_impl='blas' multiplies float32 only, got {a.dtype} and "
-                     f"{b.dtype}: set model.dtype='float32' or model.matmul_impl='xla'.")
+  reason = _unusable(a.dtype) or _unusable(b.dtype)
+  if reason:
+    raise ValueError(reason)
   if a.ndim != b.ndim or a.ndim not in (2, 3) or a.shape[:-2] != b.shape[:-2]:
     raise ValueError(f'host_blas.matmul takes rank-2 operands, or rank 3 with one shared batch '
                      f'dim, got {a.shape} and {b.shape}.')
@@ -145,12 +153,5 @@ def matmul(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = Fa
   if k_a != k_b:
     raise ValueError(f'host_blas.matmul: contracting sizes differ, {k_a} (a {a.shape}, '
                      f'trans_a={trans_a}) and {k_b} (b {b.shape}, trans_b={trans_b}).')
-  if jax.default_backend() != 'cpu':
-    raise ValueError(f"model.matmul_impl='blas' runs on CPU, not on this "
-                     f"{jax.default_backend()!r} backend: set model.matmul_impl='xla'.")
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.size > 1:
-    raise ValueError(f"model.matmul_impl='blas' runs on one CPU device; the mesh has "
-                     f"{mesh.size}: set model.matmul_impl='xla' or a one-device mesh.")
   _register()
   return _matmul(trans_a, trans_b, a, b)

@@ -97,6 +97,17 @@ def token_matmul(x: jax.Array, w: jax.Array, n_in: int = 1, w_out_first: bool = 
   return y.reshape(lead + out_shape)
 
 
+def token_gram(x: jax.Array, y: jax.Array, impl: str = 'xla') -> jax.Array:
+  """x^T y over all leading (token) positions: x [..., m], y [..., n] -> [m, n] in float32, by
+  XLA or (`impl='blas'`) by MKL. XLA gets the leading dims unflattened: it then copies x
+  transposed for YNNPACK's matmul, where the flattened 2-D form compiles to a plain dot."""
+  if host_blas.uses_blas(impl, x.dtype):
+    return host_blas.matmul(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]),
+                            trans_a=True)
+  lead = tuple(range(x.ndim - 1))
+  return jax.lax.dot_general(x, y, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+
+
 class Projection(nn.Module):
   """Contracts the last len(in_axes) dims of x with a kernel [*in, *features].
 

@@ -78,3 +78,9 @@ def test_what_cannot_run_names_the_key():
     host_blas.matmul(jnp.ones((4, 8)), jnp.ones((4, 8)))
   with pytest.raises(ValueError, match='one CPU device; the mesh has 2'):
     partitioner(data=2).jit(lambda a: host_blas.matmul(a, a.T))(jnp.ones((4, 8)))
+
+
+def test_empty_products_are_zeros():
+  assert host_blas.matmul(jnp.ones((0, 4)), jnp.ones((4, 3))).shape == (0, 3)
+  np.testing.assert_array_equal(host_blas.matmul(jnp.ones((2, 0)), jnp.ones((0, 3))),
+                                np.zeros((2, 3)))

@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from model import host_blas
-from model.layers import OutputHead, token_matmul
+from model.layers import OutputHead, token_gram, token_matmul
 
 
 def token_cross_entropy(head: OutputHead, targets: jax.Array, weights: jax.Array,
@@ -48,9 +47,9 @@ def _chunk_terms(z_loss, impl, wanted, x, kernel, bias, targets, weights):
   named in `wanted` ⊆ {'x', 'kernel', 'bias'}: dx [B, C, D], dkernel^T [D, V] and dbias [V]
   (float32), None where not wanted. `impl` is model.matmul_impl, for the three matmuls.
 
-  The kernel's gradient is formed transposed, x^T dlogits, contracting two dims: XLA:CPU then
-  copies the small x chunk transposed and runs YNNPACK's matmul, where dlogits^T x falls back
-  to Eigen's transposed-operand kernel, about 1.6x slower at the bench shapes (measured)."""
+  The kernel's gradient is formed transposed, x^T dlogits (model.layers.token_gram): XLA:CPU
+  then copies the small x chunk transposed and runs YNNPACK's matmul, where dlogits^T x falls
+  back to Eigen's transposed-operand kernel, about 1.6x slower at the bench shapes (measured)."""
   logits = token_matmul(x, kernel, w_out_first=True, impl=impl)
   if bias is not None:
     logits = logits + bias
@@ -75,13 +74,7 @@ def _chunk_terms(z_loss, impl, wanted, x, kernel, bias, targets, weights):
   scale = (1.0 + 2.0 * z_loss * log_z) * weights / total[..., 0]
   dlogits = exp * scale[..., None] - jnp.where(is_target, weights[..., None], 0.0)
   dx = token_matmul(dlogits.astype(x.dtype), kernel, impl=impl) if 'x' in wanted else None
-  dkernel_t = None
-  if 'kernel' in wanted and host_blas.uses_blas(impl, x.dtype):
-    dkernel_t = host_blas.matmul(x.reshape(-1, x.shape[-1]),
-                                 dlogits.reshape(-1, vocab).astype(x.dtype), trans_a=True)
-  elif 'kernel' in wanted:
-    dkernel_t = jax.lax.dot_general(x, dlogits.astype(x.dtype), (((0, 1), (0, 1)), ((), ())),
-                                    preferred_element_type=jnp.float32)
+  dkernel_t = token_gram(x, dlogits.astype(x.dtype), impl) if 'kernel' in wanted else None
   dbias = dlogits.sum(axis=(0, 1)) if 'bias' in wanted else None
   return sums, (dx, dkernel_t, dbias)
 
